@@ -1,0 +1,1 @@
+"""Backends: how processes are grouped and how the primitives run. Chosen from a table."""

@@ -1,0 +1,171 @@
+"""``accumulate``: the step on a batch, computed as k micro-batches.
+
+Nesting: ``accumulate`` may sit inside or outside ``mixed_precision`` with the same
+meaning (see ``_mixed_precision``). ``accumulate(accumulate(step, a), b)`` runs a*b
+micro-batches. Outside ``shard``, it holds communication until the last micro-batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import optree
+import torch
+
+from xform import tree
+from xform._mean import Mean
+from xform._primitives import Handler, installed, rng_salt
+from xform._state import TrainState
+from xform._transform import check_step, wrap
+
+__all__ = ["accumulate", "split_batch", "combine_metrics"]
+
+
+class _Handler(Handler):
+    """Sums micro-batch gradients (and item counts); passes the sum on at the last one."""
+
+    reduces = True
+
+    def __init__(self, steps: int):
+        self.steps = steps
+        self.micro = 0
+        self.calls = 0  # apply_gradients calls seen in this micro-batch
+        self.pending: Any = 0  # item count recorded by value_and_grad since the last apply_gradients
+        self.grads: list[torch.Tensor] | None = None
+        self.names: list[str] | None = None
+        self.count: Any = 0
+
+    def objective(self, loss: Mean, next):
+        self.pending = self.pending + loss.count
+        return next(Mean(loss.total, 1))
+
+    def apply_gradients(self, state, grads, count, next):
+        self.calls += 1
+        if self.calls > 1:
+            raise RuntimeError(
+                f"accumulate: the step called apply_gradients twice on micro-batch {self.micro}; "
+                "a step must call it exactly once"
+            )
+        if count is None:
+            count, self.pending = self.pending, 0
+        self.count = self.count + count
+        if self.grads is None:
+            self.names = list(grads)
+            self.grads = list(grads.values())  # fresh tensors from autograd: adopted, not copied
+        else:
+            torch._foreach_add_(self.grads, [grads[k] for k in self.names])
+        if self.micro < self.steps - 1:
+            return state
+        return next(state, dict(zip(self.names, self.grads)), self.count)
+
+
+def accumulate(step: Callable[..., Any], steps: int):
+    """Runs ``step`` on ``steps`` micro-batches of each batch, with one optimizer update.
+
+    ``accumulate(step, k)(state, batch)`` equals ``step(state, batch)``: the gradient is
+    the full batch's. Losses returned as ``xf.Mean(total, count)`` are normalized by the
+    total count over all micro-batches, so uneven item counts (tokens) still give the
+    full-batch gradient; a plain scalar loss is taken to be a mean over the (equal)
+    micro-batches. Metrics are combined: ``xf.Mean`` pooled, floating tensors and floats
+    averaged, integer tensors and ints summed, anything else the last value.
+
+    Args:
+        step: a step ``step(state, batch) -> (state, metrics)`` that calls
+            ``apply_gradients`` once.
+        steps: the number of micro-batches; the batch's leading dimension must be a
+            multiple of it. Leaves that are not tensors are passed to every micro-batch.
+
+    ``accumulate(step, 1) is step``.
+
+    Example:
+        >>> import torch, xform as xf
+        >>> def step(state, batch):
+        ...     loss, grads = xf.value_and_grad(lambda p: xf.apply(state, p, batch).square().mean())(state.params)
+        ...     return state.apply_gradients(grads), {"loss": loss}
+        >>> state = xf.TrainState.create(torch.nn.Linear(4, 2), optimizer=torch.optim.SGD, lr=0.1)
+        >>> state, metrics = xf.accumulate(step, 4)(state, torch.ones(8, 4))
+        >>> state.step
+        1
+    """
+    check_step("accumulate", step)
+    if isinstance(steps, bool) or not isinstance(steps, int):
+        raise TypeError(f"accumulate: steps must be an int, got {steps!r}")
+    if steps < 1:
+        raise ValueError(f"accumulate: steps must be >= 1, got {steps}")
+    if steps == 1:
+        return step
+
+    def call(state: TrainState, batch: Any):
+        micro_batches = split_batch("accumulate", batch, steps)
+        handler = _Handler(steps)
+        metrics = []
+        with installed(handler):
+            for i, micro_batch in enumerate(micro_batches):
+                handler.micro, handler.calls = i, 0
+                with rng_salt(i):
+                    state, m = step(state, micro_batch)
+                if handler.calls != 1:
+                    raise RuntimeError(
+                        f"accumulate: the step did not call state.apply_gradients on micro-batch {i}; "
+                        "a step must call it exactly once"
+                    )
+                metrics.append(m)
+        return state, combine_metrics(metrics)
+
+    return wrap(
+        step, call, lambda state: state,
+        xform_transforms=getattr(step, "xform_transforms", ()) + ("accumulate",),
+        steps=steps,
+    )
+
+
+def split_batch(api: str, batch: Any, k: int) -> list[Any]:
+    """Splits every tensor leaf of ``batch`` into ``k`` equal pieces along dim 0."""
+    leaves, spec = optree.tree_flatten(batch, namespace=tree.NAMESPACE)
+    sizes = {t.shape[0] for t in leaves if isinstance(t, torch.Tensor) and t.dim() > 0}
+    if not sizes:
+        raise ValueError(f"{api}: the batch has no tensor with a batch dimension to split into {k} pieces")
+    if len(sizes) > 1:
+        raise ValueError(
+            f"{api}: the batch's tensors have different leading sizes {sorted(sizes)}; every tensor "
+            "in a batch needs the same batch dimension"
+        )
+    n = sizes.pop()
+    if n % k:
+        bigger = (n // k + 1) * k
+        divisors = [d for d in range(1, n + 1) if n % d == 0]
+        closest = min(divisors, key=lambda d: (abs(d - k), -d))
+        raise ValueError(
+            f"{api}: batch size {n} is not divisible by steps={k}; pass a batch of {bigger} or use steps={closest}"
+        )
+    size = n // k
+    pieces = [
+        t.split(size) if isinstance(t, torch.Tensor) and t.dim() > 0 else (t,) * k for t in leaves
+    ]
+    return [optree.tree_unflatten(spec, [p[i] for p in pieces]) for i in range(k)]
+
+
+def combine_metrics(metrics: list[Any]) -> Any:
+    """Pools per-piece metrics: Mean pooled, floats averaged, integers summed."""
+
+    def combine(*xs: Any) -> Any:
+        x = xs[0]
+        if isinstance(x, Mean):
+            out = xs[0]
+            for m in xs[1:]:
+                out = out + m
+            return out
+        if isinstance(x, torch.Tensor):
+            stacked = torch.stack([t.detach() for t in xs])
+            return stacked.mean(0) if x.is_floating_point() or x.is_complex() else stacked.sum(0)
+        if isinstance(x, bool):
+            return xs[-1]
+        if isinstance(x, int):
+            return sum(xs)
+        if isinstance(x, float):
+            return sum(xs) / len(xs)
+        return xs[-1]
+
+    return optree.tree_map(
+        combine, metrics[0], *metrics[1:], is_leaf=lambda x: isinstance(x, Mean), namespace=tree.NAMESPACE
+    )

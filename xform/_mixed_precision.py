@@ -1,0 +1,267 @@
+"""``mixed_precision``: compute in a lower precision, keep fp32 master weights.
+
+Nesting: ``mixed_precision`` may sit inside or outside ``accumulate`` with the same
+meaning. The loss-scale check wraps the one real optimizer update (the ``update``
+primitive), and autocast wraps every ``apply``, whatever the order.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import attrs
+import torch
+
+from xform import tree
+from xform._mean import Mean
+from xform._primitives import Handler, installed
+from xform._state import TrainState
+from xform._transform import check_step, init_of, wrap
+
+__all__ = ["Policy", "NoOpLossScale", "StaticLossScale", "DynamicLossScale", "mixed_precision"]
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "f32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "f16": torch.float16, "half": torch.float16,
+}
+_SHORT = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def _dtype(api: str, name: str) -> torch.dtype:
+    try:
+        return _DTYPES[name.strip().lower()]
+    except KeyError:
+        raise ValueError(f"{api}: unknown dtype {name!r}; use one of float32, bfloat16, float16") from None
+
+
+@attrs.frozen
+class Policy:
+    """Which dtype params are stored in, computed in, and returned in (jmp's policy).
+
+    Example:
+        >>> import xform as xf
+        >>> xf.Policy.parse("params=float32,compute=bfloat16")
+        Policy(param_dtype=torch.float32, compute_dtype=torch.bfloat16, output_dtype=torch.float32)
+        >>> str(xf.Policy.parse("fp16"))
+        'params=float32,compute=float16,output=float32'
+    """
+
+    param_dtype: torch.dtype = attrs.field(kw_only=True, default=torch.float32)
+    compute_dtype: torch.dtype = attrs.field(kw_only=True, default=torch.float32)
+    output_dtype: torch.dtype = attrs.field(kw_only=True, default=torch.float32)
+
+    @classmethod
+    def parse(cls, spec: "str | Policy") -> "Policy":
+        """``"bf16"``, ``"fp16"``, ``"fp32"`` or ``"params=...,compute=...,output=..."``.
+
+        A short name computes in that dtype with float32 params and outputs; in the long
+        form, ``compute`` defaults to ``params`` and ``output`` to ``compute``.
+        """
+        if isinstance(spec, Policy):
+            return spec
+        if not isinstance(spec, str):
+            raise TypeError(f"mixed_precision: policy must be a string or xf.Policy, got {spec!r}")
+        if "=" not in spec:
+            return cls(compute_dtype=_dtype("mixed_precision", _SHORT.get(spec.strip().lower(), spec)))
+        parts: dict[str, torch.dtype] = {}
+        for item in spec.split(","):
+            key, sep, value = item.partition("=")
+            key = key.strip().lower()
+            if not sep or key not in ("params", "compute", "output"):
+                raise ValueError(
+                    f"mixed_precision: cannot parse policy {spec!r} at {item!r}; write e.g. "
+                    "'params=float32,compute=bfloat16,output=float32'"
+                )
+            parts[key] = _dtype("mixed_precision", value)
+        param = parts.get("params", torch.float32)
+        compute = parts.get("compute", param)
+        return cls(param_dtype=param, compute_dtype=compute, output_dtype=parts.get("output", compute))
+
+    def cast_to_output(self, x: Any) -> Any:
+        return _cast_floats(x, self.output_dtype)
+
+    def __str__(self) -> str:
+        name = lambda d: str(d).removeprefix("torch.")  # noqa: E731
+        return f"params={name(self.param_dtype)},compute={name(self.compute_dtype)},output={name(self.output_dtype)}"
+
+
+def _cast_floats(x: Any, dtype: torch.dtype) -> Any:
+    return tree.map(
+        lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != dtype else t, x
+    )
+
+
+# --- loss scales: frozen settings; their values live in TrainState.transforms -------------
+
+
+@attrs.frozen
+class NoOpLossScale:
+    """No loss scaling (bf16, fp32)."""
+
+    def initial(self, device: torch.device) -> dict[str, torch.Tensor] | None:
+        return None
+
+
+@attrs.frozen
+class StaticLossScale:
+    """Multiplies the loss by a fixed ``scale``; skips the update on overflow."""
+
+    scale: float = attrs.field(default=2.0**15)
+
+    def initial(self, device: torch.device) -> dict[str, torch.Tensor]:
+        return {"scale": torch.tensor(float(self.scale), device=device), "good_steps": torch.tensor(0, device=device)}
+
+    def adjust(self, value: dict[str, torch.Tensor], finite: bool) -> dict[str, torch.Tensor]:
+        return value
+
+
+@attrs.frozen
+class DynamicLossScale:
+    """Halves the scale on overflow (skipping that update); doubles it after
+    ``growth_interval`` finite updates in a row (torch's GradScaler, jmp's
+    DynamicLossScale)."""
+
+    initial_scale: float = attrs.field(default=2.0**16, kw_only=True)
+    growth_interval: int = attrs.field(default=2000, kw_only=True)
+    factor: float = attrs.field(default=2.0, kw_only=True)
+    min_scale: float = attrs.field(default=1.0, kw_only=True)
+
+    def __attrs_post_init__(self):
+        if not (self.initial_scale >= 1 and self.growth_interval >= 1 and self.factor > 1 and self.min_scale > 0):
+            raise ValueError(
+                f"DynamicLossScale: need initial_scale >= 1, growth_interval >= 1, factor > 1 and "
+                f"min_scale > 0, got {self!r}"
+            )
+
+    def initial(self, device: torch.device) -> dict[str, torch.Tensor]:
+        return {
+            "scale": torch.tensor(float(self.initial_scale), device=device),
+            "good_steps": torch.tensor(0, dtype=torch.int64, device=device),
+        }
+
+    def adjust(self, value: dict[str, torch.Tensor], finite: bool) -> dict[str, torch.Tensor]:
+        scale, good = value["scale"], value["good_steps"]
+        if not finite:
+            return {"scale": torch.clamp(scale / self.factor, min=self.min_scale), "good_steps": torch.zeros_like(good)}
+        good = good + 1
+        if int(good) >= self.growth_interval:
+            return {"scale": scale * self.factor, "good_steps": torch.zeros_like(good)}
+        return {"scale": scale, "good_steps": good}
+
+
+LossScale = NoOpLossScale | StaticLossScale | DynamicLossScale
+_KEY = "mixed_precision"
+
+_NO_INIT = (
+    "mixed_precision: the state has no loss scale; lay it out first with state = step.init(state) "
+    "(the step returned by the transforms)"
+)
+
+
+class _Handler(Handler):
+    def __init__(self, policy: Policy, loss_scale: Any):
+        self.policy = policy
+        self.loss_scale = loss_scale
+        self.scale: torch.Tensor | None = None
+
+    def apply(self, state, params, args, kwargs, next):
+        device = state._runtime("xf.apply").device
+        if self.policy.compute_dtype == self.policy.param_dtype:
+            out = next(state, params, _cast_floats(args, self.policy.compute_dtype), kwargs)
+        else:
+            with torch.autocast(device.type, dtype=self.policy.compute_dtype):
+                out = next(state, params, args, kwargs)
+        return self.policy.cast_to_output(out)
+
+    def objective(self, loss: Mean, next):
+        objective = next(loss)
+        return objective if self.scale is None else objective * self.scale
+
+    def update(self, state: TrainState, grads, next):
+        if self.scale is None:
+            return next(state, grads)
+        value = state.transforms[_KEY]
+        glist = list(grads.values())
+        found_inf = torch.zeros((), dtype=torch.float32, device=glist[0].device)
+        inv_scale = (1.0 / value["scale"].double()).float()
+        torch._amp_foreach_non_finite_check_and_unscale_(glist, found_inf, inv_scale)
+        finite = not bool(found_inf)
+        transforms = {**state.transforms, _KEY: self.loss_scale.adjust(value, finite)}
+        if not finite:
+            return state.successor(updated=False, transforms=transforms)
+        return next(state, grads)._evolve_leaves(transforms=transforms)
+
+
+def mixed_precision(
+    step: Callable[..., Any], policy: "str | Policy" = "bf16", *, loss_scale: LossScale | None = None
+):
+    """Runs ``step`` with its forward pass in a lower precision.
+
+    Args:
+        step: a step ``step(state, batch) -> (state, metrics)``.
+        policy: ``"bf16"``, ``"fp16"``, ``"fp32"``, an ``xf.Policy`` or its string form
+            ``"params=float32,compute=bfloat16,output=float32"``. With float32 params
+            (master weights) the forward runs under ``torch.autocast`` in the compute
+            dtype; with params stored in the compute dtype (``"params=bfloat16"``),
+            ``step.init`` casts them and inputs are cast instead. Outputs of ``apply``
+            are cast to the output dtype.
+        loss_scale: for float16 compute, ``DynamicLossScale()`` by default; its value
+            lives in ``state.transforms["mixed_precision"]``. An update whose unscaled
+            gradients are not finite is skipped: params and ``state.step`` stay, the
+            scale shrinks, the data position advances.
+
+    ``mixed_precision(step, "fp32") is step``.
+
+    Example:
+        >>> import torch, xform as xf
+        >>> def step(state, batch):
+        ...     loss, grads = xf.value_and_grad(lambda p: xf.apply(state, p, batch).square().mean())(state.params)
+        ...     return state.apply_gradients(grads), {"loss": loss}
+        >>> step = xf.mixed_precision(step, "bf16")
+        >>> state = step.init(xf.TrainState.create(torch.nn.Linear(4, 2), optimizer=torch.optim.SGD, lr=0.1))
+        >>> state, metrics = step(state, torch.ones(8, 4))
+        >>> state.step, metrics["loss"].dtype
+        (1, torch.float32)
+    """
+    check_step("mixed_precision", step)
+    policy = Policy.parse(policy)
+    if loss_scale is None:
+        loss_scale = DynamicLossScale() if policy.compute_dtype == torch.float16 else NoOpLossScale()
+    if not isinstance(loss_scale, (NoOpLossScale, StaticLossScale, DynamicLossScale)):
+        raise TypeError(
+            f"mixed_precision: loss_scale must be NoOpLossScale(), StaticLossScale(...) or "
+            f"DynamicLossScale(...), got {loss_scale!r}"
+        )
+    if policy == Policy() and isinstance(loss_scale, NoOpLossScale):
+        return step
+    if "mixed_precision" in getattr(step, "xform_transforms", ()):
+        raise ValueError(
+            "mixed_precision: this step is already wrapped in mixed_precision; apply one policy only"
+        )
+    scaled = not isinstance(loss_scale, NoOpLossScale)
+
+    def init(state: TrainState) -> TrainState:
+        if policy.param_dtype != torch.float32:
+            state = state._cast_params(policy.param_dtype)
+        if scaled and _KEY not in state.transforms:
+            value = loss_scale.initial(state._runtime("mixed_precision.init").device)
+            state = state.replace(transforms={**state.transforms, _KEY: value})
+        return state
+
+    def call(state: TrainState, batch: Any):
+        handler = _Handler(policy, loss_scale)
+        if scaled:
+            value = state.transforms.get(_KEY)
+            if value is None:
+                raise ValueError(_NO_INIT)
+            handler.scale = value["scale"]
+        with installed(handler):
+            return step(state, batch)
+
+    return wrap(
+        step, call, init,
+        xform_transforms=getattr(step, "xform_transforms", ()) + ("mixed_precision",),
+        policy=policy, loss_scale=loss_scale,
+    )
+

@@ -1,0 +1,257 @@
+"""The primitives a step reaches the outside world through, and their handler stack.
+
+A transform cannot look inside an eager PyTorch function, so it handles the few
+operations where training semantics live, as an effect handler does:
+
+- ``apply``: the forward pass with given params.
+- ``value_and_grad``: the loss, its gradient, and ``objective``, the scalar that is
+  differentiated (the loss scale multiplies it; reducers take over its normalization).
+- ``apply_gradients``: what happens to gradients before the update (accumulate absorbs
+  them until the last micro-batch; shard communicates them).
+- ``update``: the optimizer update itself (mixed_precision unscales, checks finiteness
+  and skips on overflow around it).
+
+Handlers live on a ``contextvars`` stack installed by each transformed step for the
+duration of its call, never in a global. The innermost transform's handler sees a
+primitive first and calls ``next`` to pass it outward; the base implementation is last.
+Splitting the gradient path into ``apply_gradients`` (reduction) and ``update`` (the
+optimizer) is what makes ``accumulate(mixed_precision(f))`` and
+``mixed_precision(accumulate(f))`` mean the same thing: the loss-scale check always
+wraps the one real update, whatever the nesting.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+import torch
+
+from xform._mean import Mean
+
+if TYPE_CHECKING:
+    from xform._state import TrainState
+
+__all__ = ["Handler", "apply", "value_and_grad", "installed", "dispatch", "rng_salt"]
+
+
+class Handler:
+    """A transform's handler. Every method passes its primitive outward unchanged.
+
+    Attributes:
+        reduces: True for handlers that sum gradients over pieces of the batch
+            (micro-batches, ranks). When any such handler is installed, gradients are
+            taken of the un-normalized loss sum and divided once by the total item count
+            at the update, so uneven pieces give the full-batch gradient.
+    """
+
+    reduces = False
+
+    def apply(self, state, params, args, kwargs, next):
+        return next(state, params, args, kwargs)
+
+    def value_and_grad(self, fn, params, has_aux, next):
+        return next(fn, params, has_aux)
+
+    def objective(self, loss: Mean, next) -> torch.Tensor:
+        return next(loss)
+
+    def apply_gradients(self, state, grads, count, next):
+        return next(state, grads, count)
+
+    def update(self, state, grads, next):
+        return next(state, grads)
+
+
+_HANDLERS: contextvars.ContextVar[tuple[Handler, ...]] = contextvars.ContextVar(
+    "xform_handlers", default=()
+)
+
+
+@contextlib.contextmanager
+def installed(handler: Handler) -> Iterator[None]:
+    """Pushes ``handler`` for the duration of a transformed step's call."""
+    token = _HANDLERS.set(_HANDLERS.get() + (handler,))
+    try:
+        yield
+    finally:
+        _HANDLERS.reset(token)
+
+
+def dispatch(name: str, base: Callable[..., Any], *args: Any) -> Any:
+    """Runs primitive ``name`` through the handlers, innermost first, then ``base``."""
+    stack = _HANDLERS.get()
+    if not stack:
+        return base(*args)
+
+    def call(i: int, *a: Any) -> Any:
+        if i < 0:
+            return base(*a)
+        return getattr(stack[i], name)(*a, lambda *b: call(i - 1, *b))
+
+    return call(len(stack) - 1, *args)
+
+
+def reducing() -> bool:
+    """Whether a reducing handler (accumulate, shard) is installed."""
+    return any(h.reduces for h in _HANDLERS.get())
+
+
+# --- randomness -------------------------------------------------------------------------
+# Randomness inside ``apply`` (dropout, ...) is drawn from a stream derived from the
+# state's RNG key, its data position, the micro-batch (``salt``) and the index of the
+# ``apply`` call within the current ``value_and_grad``: a step is a deterministic
+# function of (state, batch). The frame below is per call, never global.
+
+
+class _RngFrame:
+    __slots__ = ("salt", "calls")
+
+    def __init__(self, salt: tuple[int, ...]):
+        self.salt = salt
+        self.calls = 0
+
+
+_RNG: contextvars.ContextVar[_RngFrame | None] = contextvars.ContextVar("xform_rng", default=None)
+
+
+@contextlib.contextmanager
+def rng_salt(*salt: int) -> Iterator[None]:
+    """Gives the ``apply`` calls inside a distinct random stream (one per micro-batch)."""
+    outer = _RNG.get()
+    token = _RNG.set(_RngFrame((outer.salt if outer else ()) + salt))
+    try:
+        yield
+    finally:
+        _RNG.reset(token)
+
+
+def _next_seed(state: "TrainState") -> int:
+    frame = _RNG.get()
+    if frame is None:
+        salt, n = (), 0
+    else:
+        salt, n = frame.salt, frame.calls
+        frame.calls += 1
+    return hash((state.rng, state.data["consumed"], salt, n)) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def _generator_for(device: torch.device) -> torch.Generator:
+    if device.type == "cuda":
+        return torch.cuda.default_generators[device.index or 0]
+    return torch.default_generator
+
+
+# --- apply ------------------------------------------------------------------------------
+
+
+def apply(state: "TrainState", params: dict[str, torch.Tensor], *args: Any, **kwargs: Any) -> Any:
+    """Runs the state's module forward with ``params``.
+
+    Randomness in the forward pass comes from the state's RNG key (see ``TrainState``),
+    so the same (state, batch) always gives the same result. Handlers may cast params to
+    a compute dtype, gather sharded params, or bring offloaded ones onto the device.
+
+    Args:
+        state: the ``TrainState`` whose module runs.
+        params: a dict of parameter name to tensor, usually the one ``value_and_grad``
+            passes to the loss function (``state.params`` or a handler's view of it).
+        *args, **kwargs: the module's inputs.
+
+    Example:
+        >>> import torch, xform as xf
+        >>> state = xf.TrainState.create(torch.nn.Linear(2, 1), optimizer=torch.optim.SGD, lr=0.1)
+        >>> xf.apply(state, state.params, torch.ones(4, 2)).shape
+        torch.Size([4, 1])
+    """
+    return dispatch("apply", _apply_base, state, params, args, kwargs)
+
+
+def _apply_base(state: "TrainState", params, args, kwargs):
+    rt = state._runtime("xf.apply")
+    gen = _generator_for(rt.device)
+    saved = gen.get_state()
+    gen.manual_seed(_next_seed(state))
+    try:
+        if params is state.params:
+            rt.bind(state)
+            return rt.module(*args, **kwargs)
+        return torch.func.functional_call(rt.module, {**state.buffers, **params}, args, kwargs, strict=False)
+    finally:
+        gen.set_state(saved)
+
+
+# --- value_and_grad ---------------------------------------------------------------------
+
+_HAS_AUX_ERROR = (
+    "xf.value_and_grad: with has_aux=True the function must return (loss, aux), got {got}; "
+    "return a pair, or pass has_aux=False"
+)
+
+
+def value_and_grad(fn: Callable[..., Any], *, has_aux: bool = False) -> Callable[..., Any]:
+    """Returns ``g(params) -> (value, grads)`` for a loss function of params.
+
+    ``fn(params)`` returns a scalar loss tensor, or an ``xf.Mean(total, count)`` when the
+    loss is a sum over a variable number of items; with ``has_aux=True`` it returns
+    ``(loss, aux)`` and ``g`` returns ``((value, aux), grads)``. ``grads`` is a dict with
+    an entry for each parameter that requires grad. ``value`` is the loss detached (a
+    ``Mean`` stays a ``Mean``, so metrics pool exactly across micro-batches).
+
+    Example:
+        >>> import torch, xform as xf
+        >>> state = xf.TrainState.create(torch.nn.Linear(2, 1), optimizer=torch.optim.SGD, lr=0.1)
+        >>> loss, grads = xf.value_and_grad(lambda p: xf.apply(state, p, torch.ones(4, 2)).sum())(state.params)
+        >>> sorted(grads)
+        ['bias', 'weight']
+    """
+    if not callable(fn):
+        raise TypeError(f"xf.value_and_grad: expected a function of params, got {type(fn).__name__}")
+
+    def value_and_grad_fn(params: dict[str, torch.Tensor]):
+        if not isinstance(params, dict):
+            raise TypeError(
+                f"xf.value_and_grad: params must be a dict of name to tensor (state.params), "
+                f"got {type(params).__name__}"
+            )
+        return dispatch("value_and_grad", _value_and_grad_base, fn, params, has_aux)
+
+    return value_and_grad_fn
+
+
+def _value_and_grad_base(fn, params, has_aux):
+    with rng_salt():
+        out = fn(params)
+    if has_aux:
+        if not (isinstance(out, tuple) and len(out) == 2):
+            raise ValueError(_HAS_AUX_ERROR.format(got=type(out).__name__))
+        loss, aux = out
+    else:
+        loss, aux = out, None
+    mean = loss if isinstance(loss, Mean) else Mean(_check_scalar(loss), 1)
+    _check_scalar(mean.total)
+    objective = dispatch("objective", _objective_base, mean)
+    names = [k for k, p in params.items() if p.requires_grad]
+    grads = torch.autograd.grad(objective, [params[k] for k in names], allow_unused=True)
+    grads = {
+        k: (g if g is not None else torch.zeros_like(params[k])) for k, g in zip(names, grads)
+    }
+    value = loss.detach() if isinstance(loss, (Mean, torch.Tensor)) else loss
+    return ((value, aux) if has_aux else value), grads
+
+
+def _objective_base(mean: Mean) -> torch.Tensor:
+    if isinstance(mean.count, int) and mean.count == 1:
+        return mean.total
+    return mean.total / mean.count
+
+
+def _check_scalar(loss: Any) -> torch.Tensor:
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.is_floating_point():
+        desc = f"a {tuple(loss.shape)} {loss.dtype} tensor" if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ValueError(
+            f"xf.value_and_grad: the loss must be a scalar floating-point tensor or xf.Mean, got {desc}; "
+            "reduce it (loss.mean(), or xf.Mean(loss.sum(), n) for a sum over n items)"
+        )
+    return loss

@@ -1,0 +1,531 @@
+"""``TrainState``: all training state as one immutable pytree."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any, Callable, Mapping
+
+import attrs
+import optree
+import torch
+
+from xform import _primitives
+from xform.tree import NAMESPACE
+
+__all__ = ["TrainState", "DonatedStateError"]
+
+OptimizerFactory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
+
+
+class DonatedStateError(RuntimeError):
+    """A donated ``TrainState`` was used after the step that consumed it."""
+
+
+_DONATED = (
+    "{api}: this TrainState was donated to the step that produced step {step}; its tensors "
+    "now hold the updated values. Use the state that step returned, or keep this one by "
+    "passing state.copy() to the step (or apply_gradients(grads, donate=False))."
+)
+
+
+@attrs.frozen(eq=False)
+class _Spec:
+    """The static part of a state: what is not a leaf."""
+
+    module: torch.nn.Module
+    optimizer: OptimizerFactory
+    schedule: Callable[[int], float] | None
+    max_grad_norm: float | None
+    trainable: tuple[str, ...]
+    aliases: Mapping[str, tuple[tuple[torch.nn.Module, str], ...]]  # name -> every (owner, attr)
+    buffer_aliases: Mapping[str, tuple[tuple[torch.nn.Module, str], ...]]
+    device: torch.device
+
+
+class _Runtime:
+    """Caches bound to one set of tensors: the optimizer and the module's binding.
+
+    A state and the states that ``apply_gradients`` makes from it in place share one;
+    a state rebuilt from leaves (``load``, ``tree.map``, ``replace``) gets a new one.
+    """
+
+    __slots__ = ("spec", "optimizer", "__weakref__")
+
+    def __init__(self, spec: _Spec):
+        self.spec = spec
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.spec.module
+
+    @property
+    def device(self) -> torch.device:
+        return self.spec.device
+
+    def bind(self, state: "TrainState") -> None:
+        """Points the module's parameter and buffer slots at this state's tensors."""
+        module = self.spec.module
+        if module.__dict__.get("_xform_bound") is self:
+            return
+        for name, t in state.params.items():
+            if not t.requires_grad and name in self.spec.trainable:
+                t.requires_grad_(True)
+            for owner, attr in self.spec.aliases[name]:
+                owner._parameters[attr] = t
+        for name, t in state.buffers.items():
+            for owner, attr in self.spec.buffer_aliases[name]:
+                owner._buffers[attr] = t
+        module.__dict__["_xform_bound"] = self
+
+
+class _Life:
+    """Mutable liveness of one state object: donated or not, and its runtime."""
+
+    __slots__ = ("donated_at", "runtime")
+
+    def __init__(self, runtime: _Runtime):
+        self.donated_at: int | None = None
+        self.runtime = runtime
+
+
+def _leaf_field(**kw: Any) -> Any:
+    return attrs.field(**kw)
+
+
+@attrs.frozen(eq=False, repr=False)
+class TrainState:
+    """All training state as one immutable pytree (namespace ``"xform"``).
+
+    Leaves: ``step``, ``params``, ``buffers``, ``opt_state``, ``rng`` (the key of a
+    counter-based stream), ``data`` (the loader position) and ``transforms`` (each
+    transform's own state: loss scale, ...). The module, the optimizer definition, the
+    schedule and the gradient-clipping norm are static.
+
+    ``apply_gradients`` updates the tensors in place with torch.optim's kernels and
+    returns a new state; the old one is *donated*: any use of it raises
+    ``DonatedStateError``. Keep a state alive with ``state.copy()``.
+
+    Example:
+        >>> import torch, xform as xf
+        >>> state = xf.TrainState.create(torch.nn.Linear(2, 1), optimizer=torch.optim.AdamW, lr=1e-3)
+        >>> state.step, sorted(state.params)
+        (0, ['bias', 'weight'])
+    """
+
+    _step: int = attrs.field(alias="step")
+    _params: dict[str, torch.Tensor] = attrs.field(alias="params")
+    _buffers: dict[str, torch.Tensor] = attrs.field(alias="buffers")
+    _opt_state: dict[str, Any] = attrs.field(alias="opt_state")
+    _rng: int = attrs.field(alias="rng")
+    _data: dict[str, int] = attrs.field(alias="data")
+    _transforms: dict[str, Any] = attrs.field(alias="transforms")
+    _spec: _Spec = attrs.field(alias="spec")
+    _life: _Life = attrs.field(alias="life")
+
+    # --- construction -------------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        module: torch.nn.Module,
+        *,
+        optimizer: type[torch.optim.Optimizer] | OptimizerFactory,
+        seed: int = 0,
+        max_grad_norm: float | None = None,
+        **optimizer_kwargs: Any,
+    ) -> "TrainState":
+        """Builds the initial state of ``module`` trained by ``optimizer``.
+
+        Args:
+            module: the model. Its parameters and buffers become the state's leaves; the
+                module itself is static and only used to run the forward pass.
+            optimizer: a ``torch.optim.Optimizer`` subclass (called as
+                ``optimizer(params, **optimizer_kwargs)``) or any callable taking the
+                list of trainable parameters, in ``state.params`` order, and returning
+                an optimizer, e.g. ``functools.partial(torch.optim.AdamW, lr=1e-3)``.
+            seed: the key of the random stream used by ``apply`` (dropout, ...) and
+                the default shuffle seed of ``xf.DataLoader``.
+            max_grad_norm: clip the gradient's global norm to this before each update.
+            **optimizer_kwargs: passed to the optimizer class. ``lr`` may be a function
+                ``step -> lr``, a schedule evaluated before each update.
+        """
+        if not isinstance(module, torch.nn.Module):
+            raise TypeError(
+                f"TrainState.create: module must be a torch.nn.Module, got {type(module).__name__}"
+            )
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"TrainState.create: seed must be an int, got {seed!r}")
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"TrainState.create: max_grad_norm must be > 0 or None, got {max_grad_norm!r}")
+        schedule = None
+        if callable(optimizer_kwargs.get("lr")):
+            schedule = optimizer_kwargs["lr"]
+            optimizer_kwargs["lr"] = float(schedule(0))
+        factory = _optimizer_factory(optimizer, optimizer_kwargs)
+
+        params = dict(module.named_parameters())
+        buffers = dict(module.named_buffers())
+        if not params:
+            raise ValueError("TrainState.create: the module has no parameters to train")
+        aliases: dict[str, list] = {}
+        for name, p in module.named_parameters(remove_duplicate=False):
+            canonical = next(k for k, q in params.items() if q is p)
+            aliases.setdefault(canonical, []).append(_owner(module, name))
+        buffer_aliases: dict[str, list] = {}
+        for name, b in module.named_buffers(remove_duplicate=False):
+            canonical = next(k for k, q in buffers.items() if q is b)
+            buffer_aliases.setdefault(canonical, []).append(_owner(module, name))
+        trainable = tuple(k for k, p in params.items() if p.requires_grad)
+        devices = {p.device for p in params.values()}
+        if len(devices) != 1:
+            raise ValueError(
+                f"TrainState.create: parameters are on several devices {sorted(map(str, devices))}; "
+                "move the module to one device first (module.to(device))"
+            )
+        spec = _Spec(
+            module=module,
+            optimizer=factory,
+            schedule=schedule,
+            max_grad_norm=max_grad_norm,
+            trainable=trainable,
+            aliases={k: tuple(v) for k, v in aliases.items()},
+            buffer_aliases={k: tuple(v) for k, v in buffer_aliases.items()},
+            device=devices.pop(),
+        )
+        opt_state = {"initialized": False, "state": _placeholder_opt_state(factory, params, trainable)}
+        runtime = _Runtime(spec)
+        state = cls(
+            step=0,
+            params=params,
+            buffers=buffers,
+            opt_state=opt_state,
+            rng=seed,
+            data={"seed": seed, "consumed": 0},
+            transforms={},
+            spec=spec,
+            life=_Life(runtime),
+        )
+        module.__dict__["_xform_bound"] = runtime
+        return state
+
+    # --- leaves, checked for donation ---------------------------------------------------
+
+    def _alive(self, api: str) -> None:
+        if self._life.donated_at is not None:
+            raise DonatedStateError(_DONATED.format(api=api, step=self._life.donated_at))
+
+    @property
+    def step(self) -> int:
+        """The number of optimizer updates applied so far."""
+        self._alive("TrainState.step")
+        return self._step
+
+    @property
+    def params(self) -> dict[str, torch.Tensor]:
+        """Parameter name to tensor, in the module's ``named_parameters`` order."""
+        self._alive("TrainState.params")
+        return self._params
+
+    @property
+    def buffers(self) -> dict[str, torch.Tensor]:
+        self._alive("TrainState.buffers")
+        return self._buffers
+
+    @property
+    def opt_state(self) -> dict[str, Any]:
+        """``{"initialized": bool, "state": {param name: {key: tensor}}}``."""
+        self._alive("TrainState.opt_state")
+        return self._opt_state
+
+    @property
+    def rng(self) -> int:
+        self._alive("TrainState.rng")
+        return self._rng
+
+    @property
+    def data(self) -> dict[str, int]:
+        """The data position: ``{"seed": shuffle seed, "consumed": batches consumed}``."""
+        self._alive("TrainState.data")
+        return self._data
+
+    @property
+    def transforms(self) -> dict[str, Any]:
+        """Each transform's own state, by transform name."""
+        self._alive("TrainState.transforms")
+        return self._transforms
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self._spec.module
+
+    @property
+    def donated(self) -> bool:
+        return self._life.donated_at is not None
+
+    def _runtime(self, api: str) -> _Runtime:
+        self._alive(api)
+        return self._life.runtime
+
+    # --- functional updates -------------------------------------------------------------
+
+    def replace(self, **changes: Any) -> "TrainState":
+        """A new state with the given leaves replaced (``step``, ``params``, ...)."""
+        self._alive("TrainState.replace")
+        unknown = set(changes) - _LEAF_NAMES
+        if unknown:
+            raise TypeError(
+                f"TrainState.replace: unknown field(s) {sorted(unknown)}; the fields are {sorted(_LEAF_NAMES)}"
+            )
+        tensors_changed = bool({"params", "buffers", "opt_state"} & set(changes))
+        runtime = _Runtime(self._spec) if tensors_changed else self._life.runtime
+        return attrs.evolve(self, **changes, life=_Life(runtime))
+
+    def copy(self) -> "TrainState":
+        """A state with its own copies of every tensor: donating it leaves ``self`` intact."""
+        self._alive("TrainState.copy")
+        leaves, spec = optree.tree_flatten(self, namespace=NAMESPACE)
+        return optree.tree_unflatten(
+            spec, [t.detach().clone() if isinstance(t, torch.Tensor) else t for t in leaves]
+        )
+
+    def apply_gradients(self, grads: Mapping[str, torch.Tensor], *, donate: bool = True) -> "TrainState":
+        """Returns the state after one optimizer update with ``grads``.
+
+        The update runs in place on this state's tensors, which makes this state
+        *donated*: using it afterwards raises ``DonatedStateError``. With
+        ``donate=False`` the update runs on a copy and this state stays valid.
+
+        Inside transforms, the gradients first pass through their handlers:
+        ``accumulate`` adds them up until the last micro-batch, ``mixed_precision``
+        unscales and skips the update on overflow, ``shard`` communicates.
+        """
+        self._alive("TrainState.apply_gradients")
+        if not isinstance(grads, Mapping):
+            raise TypeError(
+                f"TrainState.apply_gradients: grads must be a dict of parameter name to tensor, "
+                f"got {type(grads).__name__}"
+            )
+        if grads.keys() != set(self._spec.trainable):
+            missing = sorted(set(self._spec.trainable) - grads.keys())
+            extra = sorted(grads.keys() - set(self._spec.trainable))
+            raise ValueError(
+                "TrainState.apply_gradients: grads must have one entry per trainable parameter; "
+                f"missing {missing[:5]}, unexpected {extra[:5]}; pass the grads xf.value_and_grad returned"
+            )
+        state = self if donate else self.copy()
+        return _primitives.dispatch("apply_gradients", _apply_gradients_base, state, dict(grads), None)
+
+    def successor(self, *, updated: bool, **changes: Any) -> "TrainState":
+        """The state after one update attempt: the data position always advances,
+        ``step`` only when ``updated``. Shares this state's runtime and donates it."""
+        data = {**self._data, "consumed": self._data["consumed"] + 1}
+        new = attrs.evolve(
+            self,
+            step=self._step + 1 if updated else self._step,
+            data=data,
+            **changes,
+            life=_Life(self._life.runtime),
+        )
+        self._life.donated_at = new._step
+        return new
+
+    def _evolve_leaves(self, **changes: Any) -> "TrainState":
+        """Same liveness and runtime, other non-tensor leaves (a handler's bookkeeping)."""
+        return attrs.evolve(self, **changes, life=self._life)
+
+    def _cast_params(self, dtype: torch.dtype) -> "TrainState":
+        """Stores the params in ``dtype`` (no fp32 master copy); only before training."""
+        if self._opt_state["initialized"]:
+            raise ValueError(
+                f"TrainState: cannot store params in {dtype} after training started (step {self._step}); "
+                "lay the state out with step.init(state) right after TrainState.create"
+            )
+        params = {
+            k: torch.nn.Parameter(v.detach().to(dtype), requires_grad=v.requires_grad)
+            for k, v in self._params.items()
+        }
+        opt = {"initialized": False, "state": _placeholder_opt_state(self._spec.optimizer, params, self._spec.trainable)}
+        return self.replace(params=params, opt_state=opt)
+
+    def __repr__(self) -> str:
+        if self.donated:
+            return f"TrainState(<donated at step {self._life.donated_at}>)"
+        n = sum(p.numel() for p in self._params.values())
+        return (
+            f"TrainState(step={self._step}, params={len(self._params)} tensors/{n:,} values, "
+            f"module={type(self._spec.module).__name__}, transforms={sorted(self._transforms)})"
+        )
+
+
+_LEAF_NAMES = {"step", "params", "buffers", "opt_state", "rng", "data", "transforms"}
+_LEAF_ORDER = ("step", "params", "buffers", "opt_state", "rng", "data", "transforms")
+
+
+def _flatten(s: TrainState):
+    s._alive("flattening a TrainState")
+    children = (s._step, s._params, s._buffers, s._opt_state, s._rng, s._data, s._transforms)
+    return children, s._spec, _LEAF_ORDER
+
+
+def _unflatten(spec: _Spec, children) -> TrainState:
+    step, params, buffers, opt_state, rng, data, transforms = children
+    return TrainState(
+        step=step,
+        params=params,
+        buffers=buffers,
+        opt_state=opt_state,
+        rng=rng,
+        data=data,
+        transforms=transforms,
+        spec=spec,
+        life=_Life(_Runtime(spec)),
+    )
+
+
+optree.register_pytree_node(TrainState, _flatten, _unflatten, namespace=NAMESPACE)
+
+
+# --- the base implementations of apply_gradients and update -------------------------------
+
+
+def _apply_gradients_base(state: TrainState, grads: dict[str, torch.Tensor], count: Any) -> TrainState:
+    if count is not None and not (isinstance(count, int) and count == 1):
+        torch._foreach_div_(list(grads.values()), count)
+    return _primitives.dispatch("update", _update_base, state, grads)
+
+
+def _update_base(state: TrainState, grads: dict[str, torch.Tensor]) -> TrainState:
+    spec = state._spec
+    rt = state._runtime("TrainState.apply_gradients")
+    opt_state = state._opt_state
+    optimizer = rt.optimizer
+    if optimizer is None:
+        optimizer = rt.optimizer = _build_optimizer(spec, state._params, opt_state)
+    params = [state._params[k] for k in spec.trainable]
+    glist = [grads[k] for k in spec.trainable]
+    if glist[0].dtype != params[0].dtype:
+        glist = [g.to(p.dtype) for g, p in zip(glist, params)]
+    for p, g in zip(params, glist):
+        p.grad = g
+    if spec.max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm, foreach=True)
+    if spec.schedule is not None:
+        lr = float(spec.schedule(state._step))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+    with torch.no_grad():
+        optimizer.step()
+    for p in params:
+        p.grad = None
+    if not opt_state["initialized"]:
+        opt_state = {"initialized": True, "state": _adopt_opt_state(optimizer, spec, state._params, opt_state)}
+    return state.successor(updated=True, opt_state=opt_state)
+
+
+def _optimizer_factory(optimizer: Any, kwargs: dict[str, Any]) -> OptimizerFactory:
+    if isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer):
+        if "foreach" not in kwargs and "fused" not in kwargs and _accepts(optimizer, "foreach"):
+            kwargs = {**kwargs, "foreach": True}  # torch picks the per-tensor loop on CPU otherwise
+        return functools.partial(optimizer, **kwargs)
+    if isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            "TrainState.create: optimizer must be an optimizer class or a factory, got an optimizer "
+            f"instance ({type(optimizer).__name__}); pass optimizer={type(optimizer).__name__}, lr=... "
+            "or functools.partial(...)"
+        )
+    if not callable(optimizer):
+        raise TypeError(
+            f"TrainState.create: optimizer must be a torch.optim.Optimizer subclass or a callable "
+            f"params -> optimizer, got {optimizer!r}"
+        )
+    if kwargs:
+        raise TypeError(
+            f"TrainState.create: keyword arguments {sorted(kwargs)} go to an optimizer class, but "
+            "optimizer is a factory; bind them in the factory (functools.partial(torch.optim.AdamW, lr=...))"
+        )
+    return optimizer
+
+
+def _accepts(cls: type, name: str) -> bool:
+    try:
+        return name in inspect.signature(cls.__init__).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _placeholder_opt_state(factory, params, trainable) -> dict[str, dict[str, Any]]:
+    """The optimizer state's structure, found by one update on meta tensors.
+
+    torch.optim creates its state lazily at the first step; a checkpoint needs the
+    structure up front so that ``load(path, like=fresh_state)`` can check it. The
+    values are placeholders (zeros) and are replaced by the real initial state at the
+    first update.
+    """
+    metas = [torch.nn.Parameter(torch.empty_like(params[k], device="meta")) for k in trainable]
+    for m in metas:
+        m.grad = torch.empty_like(m)
+    try:
+        probe = factory(metas)
+        if not isinstance(probe, torch.optim.Optimizer):
+            raise TypeError(
+                f"TrainState.create: the optimizer factory returned {type(probe).__name__}, "
+                "not a torch.optim.Optimizer"
+            )
+        probe.step()
+    except TypeError:
+        raise
+    except Exception as e:  # an optimizer that cannot run on meta tensors
+        raise ValueError(
+            f"TrainState.create: could not find the optimizer's state structure by a dry step "
+            f"on meta tensors ({type(e).__name__}: {e})"
+        ) from e
+    out: dict[str, dict[str, Any]] = {}
+    for k, m in zip(trainable, metas):
+        real = params[k]
+        entry = {}
+        for key, v in probe.state.get(m, {}).items():
+            if isinstance(v, torch.Tensor):
+                device = real.device if v.device.type == "meta" else v.device
+                entry[key] = torch.zeros(v.shape, dtype=v.dtype, device=device)
+            else:
+                entry[key] = v
+        out[k] = entry
+    return out
+
+
+def _build_optimizer(spec: _Spec, params: dict[str, torch.Tensor], opt_state: dict[str, Any]):
+    plist = [params[k] for k in spec.trainable]
+    optimizer = spec.optimizer(plist)
+    if opt_state["initialized"]:
+        for k, p in zip(spec.trainable, plist):
+            optimizer.state[p] = dict(opt_state["state"][k])
+    return optimizer
+
+
+def _adopt_opt_state(optimizer, spec, params, old):
+    """Moves the optimizer's freshly created state into the placeholder tensors."""
+    out = {}
+    for k in spec.trainable:
+        p = params[k]
+        live = optimizer.state[p]
+        entry = {}
+        for key, v in live.items():
+            ph = old["state"][k].get(key)
+            if isinstance(v, torch.Tensor) and isinstance(ph, torch.Tensor) and ph.shape == v.shape and ph.dtype == v.dtype:
+                ph.copy_(v)
+                entry[key] = ph
+            else:
+                entry[key] = v
+            live[key] = entry[key]
+        out[k] = entry
+    return out
+
+
+def _owner(module: torch.nn.Module, dotted: str) -> tuple[torch.nn.Module, str]:
+    *path, attr = dotted.split(".")
+    owner = module
+    for part in path:
+        owner = getattr(owner, part)
+    return owner, attr
