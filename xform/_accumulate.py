@@ -7,6 +7,7 @@ micro-batches. Outside ``shard``, it holds communication until the last micro-ba
 
 from __future__ import annotations
 
+import fractions
 from typing import Any, Callable
 
 import optree
@@ -14,30 +15,24 @@ import torch
 
 from xform import tree
 from xform._mean import Mean
-from xform._primitives import Handler, installed, rng_salt
+from xform._primitives import Reducer, installed, rng_salt
 from xform._state import TrainState
 from xform._transform import check_step, wrap
 
 __all__ = ["accumulate", "split_batch", "combine_metrics"]
 
 
-class _Handler(Handler):
-    """Sums micro-batch gradients (and item counts); passes the sum on at the last one."""
-
-    reduces = True
+class _Handler(Reducer):
+    """Sums micro-batch gradients (and item counts); passes the sums on at the last one."""
 
     def __init__(self, steps: int):
-        self.steps = steps
+        super().__init__()
+        self.pieces = steps
         self.micro = 0
         self.calls = 0  # apply_gradients calls seen in this micro-batch
-        self.pending: Any = 0  # item count recorded by value_and_grad since the last apply_gradients
         self.grads: list[torch.Tensor] | None = None
         self.names: list[str] | None = None
         self.count: Any = 0
-
-    def objective(self, loss: Mean, next):
-        self.pending = self.pending + loss.count
-        return next(Mean(loss.total, 1))
 
     def apply_gradients(self, state, grads, count, next):
         self.calls += 1
@@ -46,17 +41,24 @@ class _Handler(Handler):
                 f"accumulate: the step called apply_gradients twice on micro-batch {self.micro}; "
                 "a step must call it exactly once"
             )
-        if count is None:
-            count, self.pending = self.pending, 0
-        self.count = self.count + count
+        self.count = _add_counts(self.count, self.take_count(count))
         if self.grads is None:
             self.names = list(grads)
             self.grads = list(grads.values())  # fresh tensors from autograd: adopted, not copied
         else:
             torch._foreach_add_(self.grads, [grads[k] for k in self.names])
-        if self.micro < self.steps - 1:
+        if self.micro < self.pieces - 1:
             return state
         return next(state, dict(zip(self.names, self.grads)), self.count)
+
+
+def _add_counts(a: Any, b: Any) -> Any:
+    if isinstance(a, fractions.Fraction) != isinstance(b, fractions.Fraction) and not (type(a) is int and a == 0):
+        raise ValueError(
+            "accumulate: some micro-batches returned a plain loss and others an xf.Mean; "
+            "return the same kind of loss from every micro-batch"
+        )
+    return a + b
 
 
 def accumulate(step: Callable[..., Any], steps: int):

@@ -22,9 +22,11 @@ wraps the one real update, whatever the nesting.
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+import fractions
+import functools
+import math
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -33,7 +35,7 @@ from xform._mean import Mean
 if TYPE_CHECKING:
     from xform._state import TrainState
 
-__all__ = ["Handler", "apply", "value_and_grad", "installed", "dispatch", "rng_salt"]
+__all__ = ["Handler", "Reducer", "apply", "value_and_grad", "installed", "dispatch", "rng_salt"]
 
 
 class Handler:
@@ -41,9 +43,7 @@ class Handler:
 
     Attributes:
         reduces: True for handlers that sum gradients over pieces of the batch
-            (micro-batches, ranks). When any such handler is installed, gradients are
-            taken of the un-normalized loss sum and divided once by the total item count
-            at the update, so uneven pieces give the full-batch gradient.
+            (micro-batches, ranks): ``accumulate`` and ``shard``. See ``Reducer``.
     """
 
     reduces = False
@@ -64,38 +64,92 @@ class Handler:
         return next(state, grads)
 
 
-_HANDLERS: contextvars.ContextVar[tuple[Handler, ...]] = contextvars.ContextVar(
-    "xform_handlers", default=()
-)
+class Reducer(Handler):
+    """A handler that sums gradients over ``pieces`` pieces of the batch.
+
+    Loss normalization across pieces: when reducers are installed, the gradient of
+    piece i is taken of ``total_i`` (the un-normalized sum), its item count ``count_i``
+    travels with the gradient (``apply_gradients``'s ``count``), each reducer sums both,
+    and the update divides once by the total count: uneven pieces give exactly the
+    full-batch gradient. A plain scalar loss counts as a mean over its piece; then the
+    total number of pieces is known in advance, the objective is divided by it up
+    front (as a hand-written loop does) and the counts are exact fractions summing to 1.
+    """
+
+    reduces = True
+    pieces = 1
+
+    def __init__(self) -> None:
+        self.pending: Any = None  # count recorded by value_and_grad, not yet passed on
+
+    def take_count(self, count: Any) -> Any:
+        """The count of the gradients now entering ``apply_gradients``."""
+        if count is None:
+            count, self.pending = self.pending, None
+            if count is None:
+                raise RuntimeError(
+                    "apply_gradients: no xf.value_and_grad call preceded it inside this transform; "
+                    "compute grads with xf.value_and_grad in the step"
+                )
+        return count
 
 
-@contextlib.contextmanager
-def installed(handler: Handler) -> Iterator[None]:
+class _Stack:
+    """The installed handlers, innermost last, with a per-primitive cache of the ones
+    that override it (a handler that only passes a primitive on costs nothing)."""
+
+    __slots__ = ("handlers", "active")
+
+    def __init__(self, handlers: tuple[Handler, ...]):
+        self.handlers = handlers
+        self.active: dict[str, list[Callable[..., Any]]] = {}
+
+    def for_primitive(self, name: str) -> list[Callable[..., Any]]:
+        methods = self.active.get(name)
+        if methods is None:
+            base = getattr(Handler, name)
+            methods = self.active[name] = [
+                getattr(h, name) for h in self.handlers if getattr(type(h), name) is not base
+            ]
+        return methods
+
+
+_EMPTY = _Stack(())
+_HANDLERS: contextvars.ContextVar[_Stack] = contextvars.ContextVar("xform_handlers", default=_EMPTY)
+
+
+class installed:
     """Pushes ``handler`` for the duration of a transformed step's call."""
-    token = _HANDLERS.set(_HANDLERS.get() + (handler,))
-    try:
-        yield
-    finally:
-        _HANDLERS.reset(token)
+
+    __slots__ = ("handler", "token")
+
+    def __init__(self, handler: Handler):
+        self.handler = handler
+
+    def __enter__(self) -> None:
+        self.token = _HANDLERS.set(_Stack(_HANDLERS.get().handlers + (self.handler,)))
+
+    def __exit__(self, *exc: Any) -> None:
+        _HANDLERS.reset(self.token)
+
+
+def handlers() -> tuple[Handler, ...]:
+    """The installed handlers, outermost first."""
+    return _HANDLERS.get().handlers
 
 
 def dispatch(name: str, base: Callable[..., Any], *args: Any) -> Any:
     """Runs primitive ``name`` through the handlers, innermost first, then ``base``."""
-    stack = _HANDLERS.get()
-    if not stack:
+    methods = _HANDLERS.get().for_primitive(name)
+    if not methods:
         return base(*args)
 
     def call(i: int, *a: Any) -> Any:
         if i < 0:
             return base(*a)
-        return getattr(stack[i], name)(*a, lambda *b: call(i - 1, *b))
+        return methods[i](*a, lambda *b: call(i - 1, *b))
 
-    return call(len(stack) - 1, *args)
-
-
-def reducing() -> bool:
-    """Whether a reducing handler (accumulate, shard) is installed."""
-    return any(h.reduces for h in _HANDLERS.get())
+    return call(len(methods) - 1, *args)
 
 
 # --- randomness -------------------------------------------------------------------------
@@ -116,15 +170,20 @@ class _RngFrame:
 _RNG: contextvars.ContextVar[_RngFrame | None] = contextvars.ContextVar("xform_rng", default=None)
 
 
-@contextlib.contextmanager
-def rng_salt(*salt: int) -> Iterator[None]:
+class rng_salt:
     """Gives the ``apply`` calls inside a distinct random stream (one per micro-batch)."""
-    outer = _RNG.get()
-    token = _RNG.set(_RngFrame((outer.salt if outer else ()) + salt))
-    try:
-        yield
-    finally:
-        _RNG.reset(token)
+
+    __slots__ = ("salt", "token")
+
+    def __init__(self, *salt: int):
+        self.salt = salt
+
+    def __enter__(self) -> None:
+        outer = _RNG.get()
+        self.token = _RNG.set(_RngFrame(outer.salt + self.salt if outer else self.salt))
+
+    def __exit__(self, *exc: Any) -> None:
+        _RNG.reset(self.token)
 
 
 def _next_seed(state: "TrainState") -> int:
@@ -242,9 +301,24 @@ def _value_and_grad_base(fn, params, has_aux):
 
 
 def _objective_base(mean: Mean) -> torch.Tensor:
-    if isinstance(mean.count, int) and mean.count == 1:
-        return mean.total
-    return mean.total / mean.count
+    reducers = [h for h in _HANDLERS.get().handlers if h.reduces]
+    if not reducers:
+        return mean.total if _is_one(mean.count) else mean.total / mean.count
+    if _is_one(mean.count):  # a plain mean loss: normalize by the number of pieces now
+        pieces = math.prod(h.pieces for h in reducers)
+        reducers[-1].pending = _fraction(pieces)
+        return mean.total if pieces == 1 else mean.total / pieces
+    reducers[-1].pending = mean.count
+    return mean.total
+
+
+def _is_one(count: Any) -> bool:
+    return type(count) is int and count == 1
+
+
+@functools.lru_cache(maxsize=64)
+def _fraction(pieces: int) -> fractions.Fraction:
+    return fractions.Fraction(1, pieces)
 
 
 def _check_scalar(loss: Any) -> torch.Tensor:

@@ -38,6 +38,7 @@ class _Spec:
     schedule: Callable[[int], float] | None
     max_grad_norm: float | None
     trainable: tuple[str, ...]
+    trainable_set: frozenset[str]
     aliases: Mapping[str, tuple[tuple[torch.nn.Module, str], ...]]  # name -> every (owner, attr)
     buffer_aliases: Mapping[str, tuple[tuple[torch.nn.Module, str], ...]]
     device: torch.device
@@ -190,6 +191,7 @@ class TrainState:
             schedule=schedule,
             max_grad_norm=max_grad_norm,
             trainable=trainable,
+            trainable_set=frozenset(trainable),
             aliases={k: tuple(v) for k, v in aliases.items()},
             buffer_aliases={k: tuple(v) for k, v in buffer_aliases.items()},
             device=devices.pop(),
@@ -307,7 +309,7 @@ class TrainState:
                 f"TrainState.apply_gradients: grads must be a dict of parameter name to tensor, "
                 f"got {type(grads).__name__}"
             )
-        if grads.keys() != set(self._spec.trainable):
+        if grads.keys() != self._spec.trainable_set:
             missing = sorted(set(self._spec.trainable) - grads.keys())
             extra = sorted(grads.keys() - set(self._spec.trainable))
             raise ValueError(
@@ -320,12 +322,15 @@ class TrainState:
     def successor(self, *, updated: bool, **changes: Any) -> "TrainState":
         """The state after one update attempt: the data position always advances,
         ``step`` only when ``updated``. Shares this state's runtime and donates it."""
-        data = {**self._data, "consumed": self._data["consumed"] + 1}
-        new = attrs.evolve(
-            self,
+        new = TrainState(
             step=self._step + 1 if updated else self._step,
-            data=data,
-            **changes,
+            params=changes.get("params", self._params),
+            buffers=changes.get("buffers", self._buffers),
+            opt_state=changes.get("opt_state", self._opt_state),
+            rng=self._rng,
+            data={**self._data, "consumed": self._data["consumed"] + 1},
+            transforms=changes.get("transforms", self._transforms),
+            spec=self._spec,
             life=_Life(self._life.runtime),
         )
         self._life.donated_at = new._step
@@ -391,8 +396,8 @@ optree.register_pytree_node(TrainState, _flatten, _unflatten, namespace=NAMESPAC
 
 
 def _apply_gradients_base(state: TrainState, grads: dict[str, torch.Tensor], count: Any) -> TrainState:
-    if count is not None and not (isinstance(count, int) and count == 1):
-        torch._foreach_div_(list(grads.values()), count)
+    if count is not None and count != 1:  # a sum over `count` items (see Reducer)
+        torch._foreach_div_(list(grads.values()), count if isinstance(count, torch.Tensor) else float(count))
     return _primitives.dispatch("update", _update_base, state, grads)
 
 
