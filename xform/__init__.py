@@ -12,6 +12,7 @@ from xform._data import DataLoader
 from xform._mean import Mean
 from xform._mixed_precision import DynamicLossScale, NoOpLossScale, Policy, StaticLossScale, mixed_precision
 from xform._primitives import apply, value_and_grad
+from xform._shard import FullyShard, HybridShard, Replicate, TensorParallel, ZeRO, mesh, shard
 from xform._state import DonatedStateError, TrainState
 from xform._transform import Step, TransformedStep
 
@@ -29,11 +30,18 @@ __all__ = [
     "Step",
     "TrainState",
     "TransformedStep",
+    "FullyShard",
+    "HybridShard",
+    "Replicate",
+    "TensorParallel",
+    "ZeRO",
     "accumulate",
     "apply",
     "load",
+    "mesh",
     "mixed_precision",
     "save",
+    "shard",
     "tree",
     "value_and_grad",
 ]

@@ -8,6 +8,7 @@ micro-batches. Outside ``shard``, it holds communication until the last micro-ba
 from __future__ import annotations
 
 import fractions
+import functools
 from typing import Any, Callable
 
 import optree
@@ -15,7 +16,7 @@ import torch
 
 from xform import tree
 from xform._mean import Mean
-from xform._primitives import Reducer, installed, rng_salt
+from xform._primitives import Reducer, handlers, installed, rng_salt
 from xform._state import TrainState
 from xform._transform import check_step, wrap
 
@@ -33,6 +34,28 @@ class _Handler(Reducer):
         self.grads: list[torch.Tensor] | None = None
         self.names: list[str] | None = None
         self.count: Any = 0
+        self.folded = False  # the last micro-batch's gradients already include the sums
+
+    def at_last_piece(self) -> bool:
+        return self.micro == self.pieces - 1
+
+    def value_and_grad(self, fn, params, has_aux, next):
+        if not (self.at_last_piece() and self.grads is not None and self._outer_overlaps()):
+            return next(fn, params, has_aux)
+        # An outer reducer communicates each gradient as autograd produces it: fold the
+        # sums of the earlier micro-batches into the gradients as they flow, so that what
+        # it sends is the whole batch's gradient (and it sends only once).
+        hooks = [params[k].register_hook(functools.partial(_fold, acc)) for k, acc in zip(self.names, self.grads)]
+        self.folded = True
+        try:
+            return next(fn, params, has_aux)
+        finally:
+            for h in hooks:
+                h.remove()
+
+    def _outer_overlaps(self) -> bool:
+        stack = handlers()
+        return any(getattr(h, "overlaps", False) for h in stack[: stack.index(self)])
 
     def apply_gradients(self, state, grads, count, next):
         self.calls += 1
@@ -42,6 +65,8 @@ class _Handler(Reducer):
                 "a step must call it exactly once"
             )
         self.count = _add_counts(self.count, self.take_count(count))
+        if self.folded:
+            return next(state, grads, self.count)
         if self.grads is None:
             self.names = list(grads)
             self.grads = list(grads.values())  # fresh tensors from autograd: adopted, not copied
@@ -50,6 +75,10 @@ class _Handler(Reducer):
         if self.micro < self.pieces - 1:
             return state
         return next(state, dict(zip(self.names, self.grads)), self.count)
+
+
+def _fold(acc: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    return grad + acc
 
 
 def _add_counts(a: Any, b: Any) -> Any:

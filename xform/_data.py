@@ -8,6 +8,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.utils.data
 
+from xform import distributed as _distributed
 from xform._state import TrainState
 
 __all__ = ["DataLoader"]
@@ -18,11 +19,11 @@ def _mix(*xs: int) -> int:
 
 
 class DataLoader:
-    """Batches of a map-style dataset, resumable from a ``TrainState``.
+    """Batches of a map-style dataset, split across processes, resumable from a ``TrainState``.
 
-    The position is ``state.data``: the shuffle seed and the number of batches consumed,
-    which ``apply_gradients`` advances by one per update attempt (one per batch, also
-    when ``mixed_precision`` skips an overflowing update). So the loop
+    The position is ``state.data``: the shuffle seed and the number of *global* batches
+    consumed, which ``apply_gradients`` advances by one per update attempt (one per
+    batch, also when ``mixed_precision`` skips an overflowing update). So the loop
 
     .. code-block:: python
 
@@ -33,11 +34,28 @@ class DataLoader:
     the same shuffle order, and the next epoch's order after this one ends. Each epoch's
     order is a permutation drawn from ``(seed, epoch)`` alone.
 
+    On ``world_size`` processes, global batch ``i`` is the examples
+    ``order[i * G : (i + 1) * G]`` (``G = global_batch_size``) and rank ``r`` gets the
+    ``r``-th of ``world_size`` equal, disjoint slices of it; their union, in rank order,
+    is the batch a single process would get with ``batch_size=G``. The position counts
+    global batches, so a checkpoint taken on N processes resumes on M with exactly the
+    next global batches when ``global_batch_size`` is kept (pass
+    ``global_batch_size=G``, or scale ``batch_size`` by ``N / M``).
+
+    The last global batch of an epoch may be short. With ``drop_last=False`` and several
+    processes it is padded, as ``torch.utils.data.DistributedSampler`` pads, with
+    examples from the start of the epoch's order, up to a multiple of ``world_size``, so
+    that every rank gets a batch of the same size; ``padding(i)`` says how many examples
+    of global batch ``i`` are such repeats (always at the end of the global batch, i.e.
+    on the last ranks), and ``xf.distributed.gather_for_metrics`` drops them.
+
     Args:
         dataset: a map-style dataset (``__len__`` and ``__getitem__``).
         batch_size: examples per batch on each process. With ``world_size`` processes the
-            global batch is ``batch_size * world_size``; each process gets a disjoint
-            slice of it.
+            global batch is ``batch_size * world_size``.
+        global_batch_size: the alternative to ``batch_size``: examples per global batch,
+            a multiple of ``world_size``; each process gets ``global_batch_size //
+            world_size``.
         shuffle: draw a new order every epoch.
         seed: the shuffle seed; ``None`` takes ``state.data["seed"]`` (the seed given to
             ``TrainState.create``).
@@ -45,8 +63,8 @@ class DataLoader:
         num_workers, collate_fn, pin_memory: as in ``torch.utils.data.DataLoader``.
             Workers are seeded from (seed, epoch, position), so random augmentations
             resume exactly too.
-        rank, world_size: this process's slice; by default from ``torch.distributed``
-            when it is initialized, else 0 and 1.
+        rank, world_size: this process's slice; by default ``xf.distributed.rank()`` and
+            ``xf.distributed.world_size()`` (0 and 1 without a process group).
 
     Example:
         >>> import torch, xform as xf
@@ -54,13 +72,17 @@ class DataLoader:
         >>> loader = xf.DataLoader(torch.arange(10.0), batch_size=4, shuffle=False)
         >>> [b.tolist() for b in loader.iterate(state)]
         [[0.0, 1.0, 2.0, 3.0], [4.0, 5.0, 6.0, 7.0], [8.0, 9.0]]
+        >>> two = xf.DataLoader(torch.arange(9.0), global_batch_size=4, shuffle=False, rank=1, world_size=2)
+        >>> [b.tolist() for b in two.iterate(state)], two.padding(2)   # rank 1 of 2
+        ([[2.0, 3.0], [6.0, 7.0], [0.0]], 1)
     """
 
     def __init__(
         self,
         dataset: Any,
         *,
-        batch_size: int,
+        batch_size: int | None = None,
+        global_batch_size: int | None = None,
         shuffle: bool = True,
         seed: int | None = None,
         drop_last: bool = False,
@@ -74,15 +96,33 @@ class DataLoader:
             raise TypeError(
                 f"xf.DataLoader: dataset must be map-style (__len__ and __getitem__), got {type(dataset).__name__}"
             )
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"xf.DataLoader: batch_size must be a positive int, got {batch_size!r}")
+        if (batch_size is None) == (global_batch_size is None):
+            raise TypeError(
+                "xf.DataLoader: pass exactly one of batch_size= (examples per process) and "
+                f"global_batch_size= (examples per step over all processes); got batch_size={batch_size!r}, "
+                f"global_batch_size={global_batch_size!r}"
+            )
+        name, size = ("batch_size", batch_size) if global_batch_size is None else ("global_batch_size", global_batch_size)
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"xf.DataLoader: {name} must be a positive int, got {size!r}")
         if world_size is None:
-            dist = torch.distributed.is_available() and torch.distributed.is_initialized()
-            world_size = torch.distributed.get_world_size() if dist else 1
-            rank = (torch.distributed.get_rank() if dist else 0) if rank is None else rank
+            rt = _distributed.runtime()
+            world_size = rt.world_size
+            rank = rt.rank if rank is None else rank
+        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+            raise ValueError(f"xf.DataLoader: world_size must be a positive int, got {world_size!r}")
         rank = 0 if rank is None else rank
         if not 0 <= rank < world_size:
             raise ValueError(f"xf.DataLoader: rank must be in [0, {world_size}), got {rank}")
+        if global_batch_size is not None:
+            if global_batch_size % world_size:
+                lo = max(world_size, global_batch_size - global_batch_size % world_size)
+                raise ValueError(
+                    f"xf.DataLoader: global_batch_size={global_batch_size} is not divisible by the "
+                    f"{world_size} processes; pass a multiple of {world_size} (e.g. {lo} or "
+                    f"{lo + world_size}), or batch_size= per process"
+                )
+            batch_size = global_batch_size // world_size
         self.dataset = dataset
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -93,6 +133,7 @@ class DataLoader:
         self.pin_memory = pin_memory
         self.rank = rank
         self.world_size = world_size
+        self._served: int | None = None  # global index of the batch iterate() yielded last
         if len(self) == 0:
             raise ValueError(
                 f"xf.DataLoader: a dataset of {len(dataset)} examples gives no batch of global size "
@@ -101,6 +142,7 @@ class DataLoader:
 
     @property
     def global_batch_size(self) -> int:
+        """Examples per global batch: ``batch_size * world_size``."""
         return self.batch_size * self.world_size
 
     def __len__(self) -> int:
@@ -119,30 +161,66 @@ class DataLoader:
             return torch.arange(n)
         return torch.randperm(n, generator=torch.Generator().manual_seed(_mix(seed, epoch)))
 
+    def layout(self, index: int | None = None) -> tuple[int, int]:
+        """``(examples per process, padded examples)`` of global batch ``index``.
+
+        ``index`` counts global batches from the start of training, like
+        ``state.data["consumed"]`` (the batch a state at ``consumed == i`` is fed has index
+        ``i``); by default the batch that ``iterate`` yielded last.
+        """
+        if index is None:
+            if self._served is None:
+                raise ValueError(
+                    "xf.DataLoader.layout: this loader has served no batch yet; pass index= (the batch's "
+                    'state.data["consumed"] when it was served)'
+                )
+            index = self._served
+        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+            raise ValueError(f"xf.DataLoader.layout: index must be a non-negative int, got {index!r}")
+        b = index % len(self)
+        rest = len(self.dataset) - b * self.global_batch_size
+        if rest >= self.global_batch_size:
+            return self.batch_size, 0
+        per = math.ceil(rest / self.world_size)
+        return per, per * self.world_size - rest
+
+    def padding(self, index: int | None = None) -> int:
+        """How many examples of global batch ``index`` (by default the one served last)
+        repeat earlier ones to even out the last batch over the ranks; 0 on one process."""
+        return self.layout(index)[1]
+
     def iterate(self, state: TrainState, *, epochs: int | None = 1) -> Iterator[Any]:
         """Yields the batches after ``state``'s position: the rest of the current epoch,
         then ``epochs - 1`` more (``epochs=None``: forever)."""
         if not isinstance(state, TrainState):
             raise TypeError(f"xf.DataLoader.iterate: expected a TrainState, got {type(state).__name__}")
         seed = state.data["seed"] if self.seed is None else self.seed
-        epoch, index = self.position(state)
+        index = state.data["consumed"]
+        epoch, start = divmod(index, len(self))
         last = None if epochs is None else epoch + epochs
         while last is None or epoch < last:
-            yield from self._epoch(seed, epoch, index)
-            epoch, index = epoch + 1, 0
+            for batch in self._epoch(seed, epoch, start):
+                self._served = index
+                index += 1
+                yield batch
+            epoch, start = epoch + 1, 0
+
+    def indices(self, seed: int, index: int) -> list[int]:
+        """The dataset indices of this process's slice of global batch ``index``."""
+        epoch, b = divmod(index, len(self))
+        return self._slice(self.order(seed, epoch), b)
+
+    def _slice(self, order: torch.Tensor, b: int) -> list[int]:
+        gbs = self.global_batch_size
+        chunk = order[b * gbs : (b + 1) * gbs]
+        per, pad = self.layout(b)
+        if pad:  # wrap around to the start of the epoch's order (cyclically, for tiny data)
+            chunk = torch.cat([chunk, order[torch.arange(pad) % len(order)]])
+        return chunk[self.rank * per : (self.rank + 1) * per].tolist()
 
     def _epoch(self, seed: int, epoch: int, start: int) -> Iterator[Any]:
         order = self.order(seed, epoch)
-        gbs, bs = self.global_batch_size, self.batch_size
-        batches = []
-        for b in range(start, len(self)):
-            chunk = order[b * gbs : (b + 1) * gbs]
-            if len(chunk) < gbs and self.world_size > 1:
-                per = math.ceil(len(chunk) / self.world_size)
-                mine = chunk[self.rank * per : (self.rank + 1) * per]
-            else:
-                mine = chunk[self.rank * bs : (self.rank + 1) * bs]
-            batches.append(mine.tolist())
+        batches = [self._slice(order, b) for b in range(start, len(self))]
         if not batches:
             return
         loader = torch.utils.data.DataLoader(

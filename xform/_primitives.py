@@ -47,6 +47,7 @@ class Handler:
     """
 
     reduces = False
+    uses_backward = False  # take gradients with .backward() (module-hook based sharding)
 
     def apply(self, state, params, args, kwargs, next):
         return next(state, params, args, kwargs)
@@ -78,9 +79,14 @@ class Reducer(Handler):
 
     reduces = True
     pieces = 1
+    overlaps = False  # wants each gradient as autograd produces it (communication hooks)
 
     def __init__(self) -> None:
         self.pending: Any = None  # count recorded by value_and_grad, not yet passed on
+
+    def at_last_piece(self) -> bool:
+        """Whether the gradient being computed is this reducer's last piece."""
+        return True
 
     def take_count(self, count: Any) -> Any:
         """The count of the gradients now entering ``apply_gradients``."""
@@ -292,10 +298,15 @@ def _value_and_grad_base(fn, params, has_aux):
     _check_scalar(mean.total)
     objective = dispatch("objective", _objective_base, mean)
     names = [k for k, p in params.items() if p.requires_grad]
-    grads = torch.autograd.grad(objective, [params[k] for k in names], allow_unused=True)
-    grads = {
-        k: (g if g is not None else torch.zeros_like(params[k])) for k, g in zip(names, grads)
-    }
+    if any(h.uses_backward for h in _HANDLERS.get().handlers):
+        objective.backward()
+        found = []
+        for k in names:
+            found.append(params[k].grad)
+            params[k].grad = None
+    else:
+        found = torch.autograd.grad(objective, [params[k] for k in names], allow_unused=True)
+    grads = {k: (g if g is not None else torch.zeros_like(params[k])) for k, g in zip(names, found)}
     value = loss.detach() if isinstance(loss, (Mean, torch.Tensor)) else loss
     return ((value, aux) if has_aux else value), grads
 

@@ -51,11 +51,12 @@ class _Runtime:
     a state rebuilt from leaves (``load``, ``tree.map``, ``replace``) gets a new one.
     """
 
-    __slots__ = ("spec", "optimizer", "__weakref__")
+    __slots__ = ("spec", "optimizer", "extras", "__weakref__")
 
     def __init__(self, spec: _Spec):
         self.spec = spec
         self.optimizer: torch.optim.Optimizer | None = None
+        self.extras: dict[Any, Any] = {}  # handlers' caches bound to these tensors
 
     @property
     def module(self) -> torch.nn.Module:
@@ -196,7 +197,7 @@ class TrainState:
             buffer_aliases={k: tuple(v) for k, v in buffer_aliases.items()},
             device=devices.pop(),
         )
-        opt_state = {"initialized": False, "state": _placeholder_opt_state(factory, params, trainable)}
+        opt_state = {"initialized": False, "state": placeholder_opt_state(factory, params, trainable)}
         runtime = _Runtime(spec)
         state = cls(
             step=0,
@@ -336,6 +337,10 @@ class TrainState:
         self._life.donated_at = new._step
         return new
 
+    def _donate(self) -> None:
+        """Marks this state used up (its tensors were moved into another state)."""
+        self._life.donated_at = self._step
+
     def _evolve_leaves(self, **changes: Any) -> "TrainState":
         """Same liveness and runtime, other non-tensor leaves (a handler's bookkeeping)."""
         return attrs.evolve(self, **changes, life=self._life)
@@ -351,7 +356,7 @@ class TrainState:
             k: torch.nn.Parameter(v.detach().to(dtype), requires_grad=v.requires_grad)
             for k, v in self._params.items()
         }
-        opt = {"initialized": False, "state": _placeholder_opt_state(self._spec.optimizer, params, self._spec.trainable)}
+        opt = {"initialized": False, "state": placeholder_opt_state(self._spec.optimizer, params, self._spec.trainable)}
         return self.replace(params=params, opt_state=opt)
 
     def __repr__(self) -> str:
@@ -405,28 +410,51 @@ def _update_base(state: TrainState, grads: dict[str, torch.Tensor]) -> TrainStat
     spec = state._spec
     rt = state._runtime("TrainState.apply_gradients")
     opt_state = state._opt_state
-    optimizer = rt.optimizer
-    if optimizer is None:
-        optimizer = rt.optimizer = _build_optimizer(spec, state._params, opt_state)
+    if rt.optimizer is None:
+        rt.optimizer = build_optimizer(spec.optimizer, spec.trainable, state._params, opt_state)
     params = [state._params[k] for k in spec.trainable]
-    glist = [grads[k] for k in spec.trainable]
-    if glist[0].dtype != params[0].dtype:
-        glist = [g.to(p.dtype) for g, p in zip(glist, params)]
-    for p, g in zip(params, glist):
-        p.grad = g
+    optimizer_step(state, rt.optimizer, params, [grads[k] for k in spec.trainable])
+    if not opt_state["initialized"]:
+        opt_state = {"initialized": True, "state": adopt_opt_state(rt.optimizer, spec.trainable, params, opt_state)}
+    return state.successor(updated=True, opt_state=opt_state)
+
+
+def optimizer_step(
+    state: TrainState,
+    optimizer: torch.optim.Optimizer,
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    *,
+    total_norm: Callable[[list[torch.Tensor]], torch.Tensor] | None = None,
+) -> None:
+    """One step of ``optimizer`` on ``params`` with ``grads``: gradient clipping, the
+    learning-rate schedule, the update. ``total_norm`` computes the global gradient norm
+    when ``grads`` are only this process's shards."""
+    spec = state._spec
+    if grads and grads[0].dtype != params[0].dtype:
+        grads = [g.to(p.dtype) for g, p in zip(grads, params)]
     if spec.max_grad_norm is not None:
-        torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm, foreach=True)
+        norm = total_norm(grads) if total_norm else _norm(grads)
+        torch._foreach_mul_(grads, torch.clamp(spec.max_grad_norm / (norm + 1e-6), max=1.0))
     if spec.schedule is not None:
         lr = float(spec.schedule(state._step))
         for group in optimizer.param_groups:
             group["lr"] = lr
+    for p, g in zip(params, grads):
+        p.grad = g
     with torch.no_grad():
         optimizer.step()
     for p in params:
         p.grad = None
-    if not opt_state["initialized"]:
-        opt_state = {"initialized": True, "state": _adopt_opt_state(optimizer, spec, state._params, opt_state)}
-    return state.successor(updated=True, opt_state=opt_state)
+
+
+def _norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    if not grads:
+        return torch.zeros(())
+    if hasattr(grads[0], "full_tensor"):  # DTensor gradients: the norm over all shards
+        norm = torch.nn.utils.get_total_norm(grads)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
 
 def _optimizer_factory(optimizer: Any, kwargs: dict[str, Any]) -> OptimizerFactory:
@@ -460,15 +488,17 @@ def _accepts(cls: type, name: str) -> bool:
         return False
 
 
-def _placeholder_opt_state(factory, params, trainable) -> dict[str, dict[str, Any]]:
+def placeholder_opt_state(factory, params: Mapping[str, torch.Tensor], names) -> dict[str, dict[str, Any]]:
     """The optimizer state's structure, found by one update on meta tensors.
 
     torch.optim creates its state lazily at the first step; a checkpoint needs the
     structure up front so that ``load(path, like=fresh_state)`` can check it. The
-    values are placeholders (zeros) and are replaced by the real initial state at the
-    first update.
+    values are placeholders (zeros, laid out like their parameter: a sharded parameter
+    gets sharded placeholders) and are replaced by the real initial state at the first
+    update.
     """
-    metas = [torch.nn.Parameter(torch.empty_like(params[k], device="meta")) for k in trainable]
+    local = {k: _local(params[k]) for k in names}
+    metas = [torch.nn.Parameter(torch.empty_like(local[k], device="meta")) for k in names]
     for m in metas:
         m.grad = torch.empty_like(m)
     try:
@@ -487,12 +517,14 @@ def _placeholder_opt_state(factory, params, trainable) -> dict[str, dict[str, An
             f"on meta tensors ({type(e).__name__}: {e})"
         ) from e
     out: dict[str, dict[str, Any]] = {}
-    for k, m in zip(trainable, metas):
+    for k, m in zip(names, metas):
         real = params[k]
         entry = {}
         for key, v in probe.state.get(m, {}).items():
-            if isinstance(v, torch.Tensor):
-                device = real.device if v.device.type == "meta" else v.device
+            if isinstance(v, torch.Tensor) and v.shape == m.shape and v.shape != ():
+                entry[key] = torch.zeros_like(real.detach(), dtype=v.dtype)
+            elif isinstance(v, torch.Tensor):
+                device = local[k].device if v.device.type == "meta" else v.device
                 entry[key] = torch.zeros(v.shape, dtype=v.dtype, device=device)
             else:
                 entry[key] = v
@@ -500,30 +532,35 @@ def _placeholder_opt_state(factory, params, trainable) -> dict[str, dict[str, An
     return out
 
 
-def _build_optimizer(spec: _Spec, params: dict[str, torch.Tensor], opt_state: dict[str, Any]):
-    plist = [params[k] for k in spec.trainable]
-    optimizer = spec.optimizer(plist)
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def build_optimizer(factory: OptimizerFactory, names, params, opt_state: dict[str, Any]) -> torch.optim.Optimizer:
+    """An optimizer over ``params`` (a dict, or a list in ``names`` order) holding
+    ``opt_state``'s tensors as its state once that is initialized."""
+    plist = [params[k] for k in names] if isinstance(params, Mapping) else list(params)
+    optimizer = factory(plist)
     if opt_state["initialized"]:
-        for k, p in zip(spec.trainable, plist):
+        for k, p in zip(names, plist):
             optimizer.state[p] = dict(opt_state["state"][k])
     return optimizer
 
 
-def _adopt_opt_state(optimizer, spec, params, old):
-    """Moves the optimizer's freshly created state into the placeholder tensors."""
+def adopt_opt_state(optimizer, names, params, old) -> dict[str, dict[str, Any]]:
+    """Moves the optimizer's freshly created state into the placeholder tensors (whose
+    local part has the same shape) and points the optimizer at them."""
     out = {}
-    for k in spec.trainable:
-        p = params[k]
+    for k, p in zip(names, params):
         live = optimizer.state[p]
         entry = {}
         for key, v in live.items():
             ph = old["state"][k].get(key)
-            if isinstance(v, torch.Tensor) and isinstance(ph, torch.Tensor) and ph.shape == v.shape and ph.dtype == v.dtype:
-                ph.copy_(v)
-                entry[key] = ph
+            if isinstance(v, torch.Tensor) and isinstance(ph, torch.Tensor) and _local(ph).shape == v.shape and ph.dtype == v.dtype:
+                _local(ph).copy_(v)
+                entry[key], live[key] = ph, _local(ph)
             else:
-                entry[key] = v
-            live[key] = entry[key]
+                entry[key] = live[key] = v
         out[k] = entry
     return out
 

@@ -1,0 +1,410 @@
+"""The native backend: ``torch.distributed`` (gloo on CPU, NCCL on GPU).
+
+Strategies and how they are built:
+
+- replicate, zero1, zero2 (``_DataParallel``): own c10d code. The step takes gradients with
+  ``torch.autograd.grad``; hooks on the parameters copy each gradient into a flat bucket
+  as autograd produces it and start an async all-reduce (replicate, zero1) or
+  reduce-scatter (zero2) when a bucket is full, so communication overlaps the rest of
+  the backward pass, as DDP does. Buckets are launched strictly in order, so every
+  process issues the same collectives in the same order.
+- zero3/fsdp, hsdp (``_FullyShard``): ``torch.distributed.fsdp.fully_shard`` (FSDP2). Its
+  per-module gather/free and reduce-scatter are module hooks that fire during
+  ``.backward()``, so under these strategies ``value_and_grad`` takes gradients with
+  ``.backward()`` (``Handler.uses_backward``) and reads the sharded ``.grad``s. Rewriting
+  FSDP2's prefetching and memory management for ``autograd.grad`` would duplicate it for
+  no gain in semantics.
+- tensor parallel (``_TensorParallel``): DTensor ``parallelize_module``, optionally with
+  FSDP2 over the data-parallel mesh axis.
+"""
+
+from __future__ import annotations
+
+import fractions
+import functools
+import math
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from xform._primitives import Handler, Reducer, handlers
+from xform._shard import FullyShard, HybridShard, Replicate, TensorParallel, ZeRO
+from xform._state import TrainState, adopt_opt_state, build_optimizer, optimizer_step, placeholder_opt_state
+
+__all__ = ["TorchBackend"]
+
+
+class TorchBackend:
+    name = "torch"
+
+    def layout(self, strategy: Any, mesh: Any, *, inner: Any = None):
+        if isinstance(strategy, (Replicate, ZeRO)):
+            return _DataParallel(strategy, mesh)
+        if isinstance(strategy, FullyShard):
+            return _FullyShard(strategy, mesh, inner)
+        if isinstance(strategy, TensorParallel):
+            return _TensorParallel(strategy, mesh, inner)
+        raise TypeError(f"shard: the torch backend has no strategy {strategy!r}")
+
+
+# --- process groups ---------------------------------------------------------------------
+
+
+def _default_group() -> tuple[Any, int, int]:
+    """(group, rank, world) of all processes; (None, 0, 1) without a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.group.WORLD, dist.get_rank(), dist.get_world_size()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise RuntimeError(
+            "shard: WORLD_SIZE is set but no process group is initialized; call "
+            "xf.distributed.initialize() at the start of the script"
+        )
+    return None, 0, 1
+
+
+def _mesh_group(mesh: Any, axis: str | None = None) -> tuple[Any, int, int]:
+    if mesh is None:
+        return _default_group()
+    sub = mesh if axis is None else mesh[axis]
+    group = sub.get_group()
+    return group, dist.get_rank(group), dist.get_world_size(group)
+
+
+def _broadcast_state(state: TrainState, group: Any, src_rank_in_group: int = 0) -> None:
+    """Makes params and buffers equal to the first process's, in place."""
+    if group is None:
+        return
+    src = dist.get_global_rank(group, src_rank_in_group) if group is not dist.group.WORLD else src_rank_in_group
+    with torch.no_grad():
+        for t in list(state.params.values()) + list(state.buffers.values()):
+            dist.broadcast(t.data if not hasattr(t, "to_local") else t.to_local(), src=src, group=group)
+
+
+def _global_count(count: Any, group: Any, world: int, device: torch.device) -> Any:
+    """The item count summed over the data-parallel processes."""
+    if isinstance(count, fractions.Fraction):  # plain losses: the same on every process
+        return count * world
+    t = torch.as_tensor(count, device=device).detach().to(torch.float64).reshape(())
+    if group is not None:
+        t = t.clone()
+        dist.all_reduce(t, group=group)
+    return float(t)
+
+
+def _inner_at_last_piece(me: Handler) -> bool:
+    stack = handlers()
+    return all(h.at_last_piece() for h in stack[stack.index(me) + 1 :] if h.reduces)
+
+
+# --- replicate, zero1, zero2 ----------------------------------------------------------------
+
+
+class _Entry:
+    __slots__ = ("name", "shape", "numel", "rows", "rowsize", "lo", "hi", "chunk", "bucket", "offset", "soffset", "sharded")
+
+    def __init__(self, name: str, t: torch.Tensor, rank: int, world: int, sharded: bool):
+        self.name, self.shape, self.numel = name, t.shape, t.numel()
+        self.sharded = sharded and t.dim() > 0
+        self.rows = t.shape[0] if t.dim() > 0 else 1
+        self.rowsize = self.numel // self.rows if self.rows else 0
+        per = math.ceil(self.rows / world) if self.sharded else self.rows
+        self.lo = min(rank * per, self.rows) if self.sharded else 0
+        self.hi = min(self.lo + per, self.rows) if self.sharded else self.rows
+        self.chunk = per * self.rowsize  # elements per process in the bucket layout
+        self.bucket = self.offset = self.soffset = 0  # offsets in the whole and the per-process layout
+
+    @property
+    def local_shape(self) -> tuple[int, ...]:
+        return (self.hi - self.lo, *self.shape[1:]) if self.sharded else tuple(self.shape)
+
+    def local(self, full: torch.Tensor) -> torch.Tensor:
+        """This process's rows of a tensor shaped like the parameter (a view)."""
+        return full[self.lo : self.hi] if self.sharded else full
+
+
+class _Plan:
+    """Trainable params in buckets of about ``bucket_mb``, in reverse order (the order in
+    which backward tends to produce their gradients). ``sharded`` entries are laid out
+    process-major inside a bucket, ready for reduce-scatter and all-gather."""
+
+    def __init__(self, params: dict[str, torch.Tensor], names, rank: int, world: int, bucket_mb: float, sharded: bool):
+        self.world, self.rank = world, rank
+        self.entries = {k: _Entry(k, params[k], rank, world, sharded) for k in names}
+        self.buckets: list[list[_Entry]] = []
+        self.sizes: list[int] = []  # elements per bucket, whole
+        self.ssizes: list[int] = []  # elements per bucket and process, sharded layout
+        limit = max(1, int(bucket_mb * 2**20))
+        group = [e for e in reversed(list(self.entries.values())) if e.sharded or not sharded]
+        rest = [e for e in self.entries.values() if sharded and not e.sharded]  # 0-dim: replicated
+        current: list[_Entry] = []
+        size = 0
+        for e in group:
+            e_bytes = (e.chunk * world if e.sharded else e.numel) * params[e.name].element_size()
+            if current and size + e_bytes > limit:
+                self._close(current)
+                current, size = [], 0
+            current.append(e)
+            size += e_bytes
+        if current:
+            self._close(current)
+        self.replicated = rest  # reduced by one all-reduce after the sharded buckets
+        for e in rest:
+            e.bucket = len(self.buckets)
+        if rest:
+            self._close(rest)
+        self.names = list(names)
+        self.n_params, self.first = len(params), next(iter(params))
+
+    def _close(self, entries: list[_Entry]) -> None:
+        offset = soffset = 0
+        for e in entries:
+            e.bucket, e.offset, e.soffset = len(self.buckets), offset, soffset
+            offset += e.numel
+            soffset += e.chunk
+        self.buckets.append(entries)
+        self.sizes.append(offset)
+        self.ssizes.append(soffset)
+
+
+class _Comm:
+    """One step's gradient communication: buckets filled by hooks, launched in order."""
+
+    def __init__(self, plan: _Plan, group: Any, scatter: bool, dtype: torch.dtype, device: torch.device):
+        self.plan, self.group, self.scatter = plan, group, scatter
+        n = len(plan.buckets)
+        self.scattered = [scatter and bool(b) and b[0].sharded for b in plan.buckets]
+        self.bufs = [
+            torch.empty(ssize * plan.world if sc else size, dtype=dtype, device=device)
+            for size, ssize, sc in zip(plan.sizes, plan.ssizes, self.scattered)
+        ]
+        self.outs = [torch.empty(ssize, dtype=dtype, device=device) if sc else None for ssize, sc in zip(plan.ssizes, self.scattered)]
+        self.filled = [0] * n
+        self.works: list[Any] = [None] * n
+        self.next = 0
+        self.seen: set[str] = set()
+        self.hooks: list[Any] = []
+
+    def install(self, params: dict[str, torch.Tensor]) -> None:
+        for k in self.plan.names:
+            self.hooks.append(params[k].register_hook(functools.partial(self._hook, k)))
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks.clear()
+
+    def _copy_in(self, e: _Entry, g: torch.Tensor) -> None:
+        buf = self.bufs[e.bucket]
+        if self.scattered[e.bucket]:
+            w, size = self.plan.world, self.plan.ssizes[e.bucket]
+            flat = g.reshape(-1)
+            pad = e.chunk * w - e.numel
+            if pad:
+                flat = torch.nn.functional.pad(flat, (0, pad))
+            buf.view(w, size)[:, e.soffset : e.soffset + e.chunk].copy_(flat.view(w, e.chunk))
+        else:
+            buf[e.offset : e.offset + e.numel].copy_(g.reshape(-1))
+        self.seen.add(e.name)
+        self.filled[e.bucket] += 1
+
+    def _hook(self, name: str, g: torch.Tensor):
+        e = self.plan.entries[name]
+        self._copy_in(e, g)
+        self._launch_ready()
+        if self.scattered[e.bucket]:
+            return torch.zeros((), dtype=g.dtype, device=g.device).expand(g.shape)  # free the full gradient
+        return self.bufs[e.bucket][e.offset : e.offset + e.numel].view(g.shape)
+
+    def _launch_ready(self) -> None:
+        while self.next < len(self.bufs) and self.filled[self.next] == len(self.plan.buckets[self.next]):
+            i = self.next
+            if self.scattered[i]:
+                self.works[i] = dist.reduce_scatter_tensor(self.outs[i], self.bufs[i], group=self.group, async_op=True)
+            else:
+                self.works[i] = dist.all_reduce(self.bufs[i], group=self.group, async_op=True)
+            self.next += 1
+
+    def finish(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Sends what the hooks did not (unused params: zeros), waits, and returns the
+        reduced gradients: whole (all-reduce) or this process's rows (reduce-scatter)."""
+        for k in self.plan.names:
+            if k not in self.seen:
+                self._copy_in(self.plan.entries[k], grads[k])
+        self._launch_ready()
+        for w in self.works:
+            w.wait()
+        out = {}
+        for k in self.plan.names:
+            e = self.plan.entries[k]
+            if self.scattered[e.bucket]:
+                n = (e.hi - e.lo) * e.rowsize
+                out[k] = self.outs[e.bucket][e.soffset : e.soffset + n].view(e.local_shape)
+            else:
+                out[k] = self.bufs[e.bucket][e.offset : e.offset + e.numel].view(e.shape)
+        return out
+
+
+class _DataParallel:
+    """replicate / zero1 / zero2 over one data-parallel group."""
+
+    def __init__(self, strategy: Replicate | ZeRO, mesh: Any):
+        self.strategy = strategy
+        self.mesh = mesh
+        self.sharded = isinstance(strategy, ZeRO)
+        self.scatter = isinstance(strategy, ZeRO) and strategy.stage == 2
+        self._plan: _Plan | None = None  # the bucket layout, built once per model
+
+    def group(self) -> tuple[Any, int, int]:
+        return _mesh_group(self.mesh, None)
+
+    def plan(self, params: dict[str, torch.Tensor]) -> _Plan:
+        plan = self._plan
+        if plan is None or plan.n_params != len(params) or plan.first != next(iter(params)):
+            _, rank, world = self.group()
+            names = [k for k, p in params.items() if p.requires_grad]
+            plan = self._plan = _Plan(params, names, rank, world, self.strategy.bucket_mb, self.sharded)
+        return plan
+
+    def init(self, state: TrainState) -> TrainState:
+        group, _, world = self.group()
+        if group is None:
+            return state
+        _broadcast_state(state, group)
+        if not self.sharded:
+            return state
+        return _shard_opt_state(state, self.plan(state.params), self.mesh)
+
+    def handler(self) -> Handler:
+        group, _, world = self.group()
+        if group is None:
+            return Handler()
+        return _DataParallelHandler(self, group, world)
+
+
+def _shard_opt_state(state: TrainState, plan: _Plan, mesh: Any) -> TrainState:
+    """Optimizer state as DTensors sharded by rows (global shape = the param's), so a
+    checkpoint reshards to any world size or strategy."""
+    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if state.opt_state["initialized"]:
+        raise ValueError(
+            "shard: lay the state out with step.init(state) before training; this state's optimizer "
+            "state is already initialized"
+        )
+    if mesh is None:
+        mesh = init_device_mesh("cuda" if dist.get_backend() == "nccl" else "cpu", (plan.world,))
+    names = state._spec.trainable
+    local = {k: plan.entries[k].local(state.params[k].detach()) for k in names}
+    placeholders = placeholder_opt_state(state._spec.optimizer, local, names)
+    out = {}
+    for k in names:
+        e, full = plan.entries[k], state.params[k]
+        out[k] = {
+            key: DTensor.from_local(v, mesh, [Shard(0)], run_check=False, shape=full.shape, stride=full.stride())
+            if e.sharded and isinstance(v, torch.Tensor) and v.shape == local[k].shape
+            else v
+            for key, v in placeholders[k].items()
+        }
+    return state.replace(opt_state={"initialized": False, "state": out})
+
+
+class _DataParallelHandler(Reducer):
+    overlaps = True
+
+    def __init__(self, layout: _DataParallel, group: Any, world: int):
+        super().__init__()
+        self.layout, self.group, self.pieces = layout, group, world
+        self.reduced = False
+
+    def value_and_grad(self, fn, params, has_aux, next):
+        if not _inner_at_last_piece(self):  # accumulate: communicate only on the last micro-batch
+            return next(fn, params, has_aux)
+        comm = self._comm(params)
+        comm.install(params)
+        try:
+            value, grads = next(fn, params, has_aux)
+        finally:
+            comm.remove()
+        self.reduced = True
+        return value, comm.finish(grads)
+
+    def _comm(self, params: dict[str, torch.Tensor]) -> _Comm:
+        plan = self.layout.plan(params)
+        p = params[plan.names[0]]
+        return _Comm(plan, self.group, self.layout.scatter, p.dtype, p.device)
+
+    def apply_gradients(self, state, grads, count, next):
+        count = self.take_count(count)
+        if not self.reduced:  # gradients that did not come from value_and_grad's hooks
+            grads = self._comm(state.params).finish(grads)
+        device = next_device(grads)
+        return next(state, grads, _global_count(count, self.group, self.pieces, device))
+
+    def update(self, state: TrainState, grads, next):
+        if not self.layout.sharded:
+            return next(state, grads)
+        return _zero_update(self.layout, state, grads, self.group)
+
+
+def next_device(grads: dict[str, torch.Tensor]) -> torch.device:
+    return next(iter(grads.values())).device
+
+
+def _zero_update(layout: _DataParallel, state: TrainState, grads: dict[str, torch.Tensor], group: Any) -> TrainState:
+    plan = layout.plan(state.params)
+    names = plan.names
+    rt = state._runtime("TrainState.apply_gradients")
+    key = ("zero", id(layout))
+    cache = rt.extras.get(key)
+    opt_state = state.opt_state
+    if cache is None:
+        views = [plan.entries[k].local(state.params[k].detach()) for k in names]
+        local_state = {"initialized": opt_state["initialized"], "state": {
+            k: {kk: _local(v) for kk, v in opt_state["state"][k].items()} for k in names}}
+        cache = rt.extras[key] = (views, build_optimizer(state._spec.optimizer, names, views, local_state))
+    views, optimizer = cache
+    local_grads = [grads[k] if layout.scatter and plan.entries[k].sharded else plan.entries[k].local(grads[k]) for k in names]
+
+    def total_norm(gs: list[torch.Tensor]) -> torch.Tensor:
+        owned = [g for g, k in zip(gs, names) if plan.entries[k].sharded]
+        shared = [g for g, k in zip(gs, names) if not plan.entries[k].sharded]
+        sq = torch.zeros((), dtype=torch.float64, device=gs[0].device)
+        for g in owned:
+            sq += g.double().square().sum()
+        dist.all_reduce(sq, group=group)
+        for g in shared:
+            sq += g.double().square().sum()
+        return sq.sqrt().to(gs[0].dtype)
+
+    optimizer_step(state, optimizer, views, local_grads, total_norm=total_norm)
+    _all_gather_params(plan, state.params, group)
+    if not opt_state["initialized"]:
+        opt_state = {"initialized": True, "state": adopt_opt_state(optimizer, names, views, opt_state)}
+    return state.successor(updated=True, opt_state=opt_state)
+
+
+def _all_gather_params(plan: _Plan, params: dict[str, torch.Tensor], group: Any) -> None:
+    """Every process's updated rows to every process, one all-gather per bucket."""
+    w = plan.world
+    with torch.no_grad():
+        for entries, size in zip(plan.buckets, plan.ssizes):
+            if not entries or not entries[0].sharded:
+                continue
+            p0 = params[entries[0].name]
+            mine = torch.zeros(size, dtype=p0.dtype, device=p0.device)
+            for e in entries:
+                n = (e.hi - e.lo) * e.rowsize
+                mine[e.soffset : e.soffset + n].copy_(params[e.name].detach().reshape(-1)[e.lo * e.rowsize : e.hi * e.rowsize])
+            out = torch.empty(size * w, dtype=p0.dtype, device=p0.device)
+            dist.all_gather_into_tensor(out, mine, group=group)
+            grid = out.view(w, size)
+            for e in entries:
+                full = grid[:, e.soffset : e.soffset + e.chunk].reshape(-1)[: e.numel]
+                params[e.name].detach().view(-1).copy_(full)
+
+
+def _local(t: Any) -> Any:
+    return t.to_local() if hasattr(t, "to_local") else t

@@ -1,0 +1,373 @@
+"""Checks that your own step keeps xform's promises: equivalence, purity, exact resume.
+
+Each check takes your step, a ``make_state`` factory and data, runs the step the ways
+that should agree, and raises ``AssertionError`` naming the first state leaf that
+differs (e.g. ``params['0.weight']``) and by how much. Use them in your own tests:
+
+Example:
+    >>> import torch, torch.nn.functional as F, xform as xf
+    >>> from xform.testing import assert_accumulate_equivalent
+    >>> def step(state, batch):
+    ...     def loss_fn(params):
+    ...         return F.mse_loss(xf.apply(state, params, batch["x"]), batch["y"])
+    ...     loss, grads = xf.value_and_grad(loss_fn)(state.params)
+    ...     return state.apply_gradients(grads), {"loss": loss}
+    >>> def make_state():
+    ...     torch.manual_seed(0)  # a new module each call, with the same initial values
+    ...     return xf.TrainState.create(torch.nn.Linear(3, 1), optimizer=torch.optim.AdamW, lr=1e-3)
+    >>> batch = {"x": torch.randn(8, 3), "y": torch.randn(8, 1)}
+    >>> _ = assert_accumulate_equivalent(step, make_state, batch, k=4)
+
+``make_state`` is a zero-argument callable returning a fresh ``TrainState``: build a new
+module each call (under a fixed ``torch.manual_seed``) so that two calls give equal but
+independent states. The checks call ``step.init`` on it when the step has one (calling
+it on an already laid-out state is harmless).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+from xform import tree
+from xform._accumulate import accumulate
+from xform._checkpoint import load, save
+from xform._state import DonatedStateError, TrainState
+from xform._transform import init_of
+
+__all__ = [
+    "assert_accumulate_equivalent",
+    "assert_deterministic",
+    "assert_resume_equivalent",
+    "assert_states_close",
+    "fresh_states",
+    "run_steps",
+]
+
+
+# --- comparing trees ----------------------------------------------------------------------
+
+
+def _tensor_mismatch(a: torch.Tensor, b: torch.Tensor, rtol: float, atol: float) -> str | None:
+    """Why ``a`` and ``b`` differ, or None when they agree within the tolerances."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return f"shape/dtype {tuple(a.shape)} {a.dtype} vs {tuple(b.shape)} {b.dtype}"
+    a, b = a.detach(), b.detach()
+    if a.device != b.device:
+        b = b.to(a.device)
+    both_nan = a.isnan() & b.isnan() if a.is_floating_point() else torch.zeros_like(a, dtype=torch.bool)
+    if rtol == 0 and atol == 0 or not a.is_floating_point():
+        bad = ~((a == b) | both_nan)
+    else:
+        bad = ~(torch.isclose(a, b, rtol=rtol, atol=atol) | both_nan)
+    if not bool(bad.any()):
+        return None
+    a64, b64 = a.double(), b.double()
+    diff = (a64 - b64).abs()
+    diff = torch.where(both_nan, torch.zeros_like(diff), diff)
+    rel = diff / b64.abs().clamp_min(torch.finfo(torch.float64).tiny)
+    first = tuple(int(i) for i in bad.nonzero()[0]) if a.dim() else ()
+    return (
+        f"max abs diff {float(diff.max()):.3g}, max rel diff {float(rel.max()):.3g}; "
+        f"{int(bad.sum())} of {a.numel()} elements differ, the first at index {first}: "
+        f"{float(a64[first]) if a.dim() else float(a64)!r} vs {float(b64[first]) if b.dim() else float(b64)!r}"
+    )
+
+
+def assert_states_close(
+    actual: Any, expected: Any, *, rtol: float = 0.0, atol: float = 0.0, msg: str = ""
+) -> None:
+    """Asserts that two states (or any xform pytrees) agree leaf by leaf.
+
+    Tensor leaves must have equal shapes and dtypes and agree within
+    ``|actual - expected| <= atol + rtol * |expected|`` (NaNs agree with NaNs); with the
+    default ``rtol=atol=0`` they must be equal bit for bit. Integer tensors and other
+    leaves (``step``, the data position, ...) must be equal.
+
+    Args:
+        actual, expected: ``TrainState`` values, metrics dicts, lists of them, ...
+        rtol, atol: the tolerances for floating-point tensors.
+        msg: a prefix for the error, e.g. ``"after step 3"``.
+
+    Raises:
+        AssertionError: naming the first path that differs (``params['0.weight']``),
+            the max abs and rel difference, and how many other paths differ.
+
+    Example:
+        >>> import torch
+        >>> from xform.testing import assert_states_close
+        >>> assert_states_close({"w": torch.ones(2)}, {"w": torch.ones(2) + 1e-9}, rtol=1e-6)
+    """
+    a_items = tree.flatten_with_path(actual)
+    b_items = tree.flatten_with_path(expected)
+    prefix = f"{msg}: " if msg else ""
+    a_paths, b_paths = [p for p, _ in a_items], [p for p, _ in b_items]
+    if a_paths != b_paths:
+        first = next((f"{x} vs {y}" for x, y in zip(a_paths, b_paths) if x != y), None)
+        if first is None and len(a_paths) != len(b_paths):
+            longer = a_paths if len(a_paths) > len(b_paths) else b_paths
+            first = f"{longer[min(len(a_paths), len(b_paths))]} is in one tree only"
+        raise AssertionError(f"{prefix}the trees have different structures: {first}")
+    problems = []
+    for (path, a), (_, b) in zip(a_items, b_items):
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+            why = _tensor_mismatch(a, b, rtol, atol)
+        elif isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+            why = f"a {type(a).__name__} vs a {type(b).__name__}"
+        elif isinstance(a, float) and isinstance(b, float) and (rtol or atol):
+            ok = math.isclose(a, b, rel_tol=rtol, abs_tol=atol) or (math.isnan(a) and math.isnan(b))
+            why = None if ok else f"{a!r} vs {b!r}"
+        else:
+            why = None if (a == b or a is b) else f"{a!r} vs {b!r}"
+        if why is not None:
+            problems.append((path or "<root>", why))
+    if problems:
+        path, why = problems[0]
+        more = f" ({len(problems) - 1} other leaves differ too: {[p for p, _ in problems[1:6]]})" if len(problems) > 1 else ""
+        tol = "bit for bit" if rtol == 0 and atol == 0 else f"rtol={rtol:g}, atol={atol:g}"
+        raise AssertionError(f"{prefix}the states differ at {path} ({tol}): {why}{more}")
+
+
+# --- building and running -----------------------------------------------------------------
+
+
+def fresh_states(make_state: Callable[[], TrainState], n: int) -> list[TrainState]:
+    """Calls ``make_state`` ``n`` times and checks the states are equal and independent.
+
+    Raises:
+        TypeError: ``make_state`` did not return a ``TrainState``.
+        AssertionError: two states share a tensor (``make_state`` reuses one module) or
+            differ (the module's initialization is not seeded).
+    """
+    states = []
+    for _ in range(n):
+        state = make_state()
+        if not isinstance(state, TrainState):
+            raise TypeError(
+                f"xform.testing: make_state() must return a TrainState, got {type(state).__name__}"
+            )
+        states.append(state)
+    storages: dict[int, int] = {}
+    for i, state in enumerate(states):
+        for path, leaf in tree.flatten_with_path(state):
+            if isinstance(leaf, torch.Tensor) and leaf.numel():
+                owner = storages.setdefault(leaf.untyped_storage().data_ptr(), i)
+                if owner != i:
+                    raise AssertionError(
+                        f"xform.testing: make_state() returned states that share the tensor at {path}; "
+                        "build a new module inside make_state on every call"
+                    )
+    for other in states[1:]:
+        try:
+            assert_states_close(other, states[0])
+        except AssertionError as e:
+            raise AssertionError(
+                f"xform.testing: two calls of make_state() gave different states ({e}); build the "
+                "module under a fixed torch.manual_seed(...) inside make_state"
+            ) from None
+    return states
+
+
+def run_steps(step: Callable[..., Any], state: TrainState, batches: Iterable[Any], n: int | None = None):
+    """Runs ``state, metrics = step(state, batch)`` over ``batches`` (the first ``n``).
+
+    Returns:
+        ``(final_state, [metrics, ...])``.
+    """
+    history = []
+    for i, batch in enumerate(batches):
+        if n is not None and i >= n:
+            break
+        state, metrics = step(state, batch)
+        history.append(metrics)
+    if n is not None and len(history) < n:
+        raise ValueError(f"xform.testing: the batches ran out after {len(history)} of {n} steps")
+    return state, history
+
+
+# --- the checks ---------------------------------------------------------------------------
+
+
+def assert_accumulate_equivalent(
+    step: Callable[..., Any],
+    make_state: Callable[[], TrainState],
+    batch: Any,
+    k: int,
+    *,
+    steps: int = 3,
+    rtol: float = 1e-6,
+    atol: float = 1e-7,
+    check_metrics: bool = True,
+) -> tuple[TrainState, TrainState]:
+    """Asserts ``xf.accumulate(step, k)`` equals ``step`` on the full batch.
+
+    Runs both ``steps`` times on ``batch`` from equal fresh states and compares every
+    state leaf (params, optimizer state, ...) after each step, and the metrics. The step
+    must not draw randomness in ``apply`` (dropout): each micro-batch gets its own
+    random stream, so masks differ from the full batch's.
+
+    A loss that is a mean over a variable number of items per example (tokens) must be
+    returned as ``xf.Mean(loss_sum, n_items)``; a per-micro-batch mean fails this check.
+
+    Args:
+        step: the step to check, possibly already transformed (e.g. by
+            ``mixed_precision``).
+        make_state: zero-argument callable returning a fresh ``TrainState``.
+        batch: one batch whose leading dimension is divisible by ``k``.
+        k: the number of micro-batches.
+        steps: how many updates to compare.
+        rtol, atol: tolerances for floating-point leaves (the two differ by the order
+            of floating-point sums).
+        check_metrics: also compare the metrics (``xf.Mean`` pooled, floats averaged,
+            integers summed by ``accumulate``).
+
+    Returns:
+        The final ``(full_batch_state, accumulated_state)``.
+
+    Example:
+        >>> import torch, xform as xf
+        >>> from xform.testing import assert_accumulate_equivalent
+        >>> def step(state, batch):
+        ...     loss, grads = xf.value_and_grad(lambda p: xf.apply(state, p, batch).square().mean())(state.params)
+        ...     return state.apply_gradients(grads), {"loss": loss}
+        >>> def make_state():
+        ...     torch.manual_seed(0)
+        ...     return xf.TrainState.create(torch.nn.Linear(2, 2), optimizer=torch.optim.SGD, lr=0.1)
+        >>> _ = assert_accumulate_equivalent(step, make_state, torch.randn(6, 2), k=3)
+    """
+    acc = accumulate(step, k)
+    ref_state, acc_state = fresh_states(make_state, 2)
+    ref_state, acc_state = init_of(step)(ref_state), init_of(acc)(acc_state)
+    for i in range(steps):
+        ref_state, ref_metrics = step(ref_state, batch)
+        acc_state, acc_metrics = acc(acc_state, batch)
+        where = f"accumulate(step, {k}) vs step, after update {i + 1}"
+        assert_states_close(acc_state, ref_state, rtol=rtol, atol=atol, msg=where)
+        if check_metrics:
+            assert_states_close(acc_metrics, ref_metrics, rtol=rtol, atol=atol, msg=f"{where}, metrics")
+    return ref_state, acc_state
+
+
+def assert_deterministic(
+    step: Callable[..., Any], make_state: Callable[[], TrainState], batch: Any, *, steps: int = 2
+) -> None:
+    """Asserts that ``step`` is a pure function of ``(state, batch)``.
+
+    Checks, bit for bit: two copies of one state give equal states and metrics over
+    ``steps`` updates (also with dropout: randomness comes from the state); stepping a
+    ``state.copy()`` leaves ``state`` unchanged; and stepping ``state`` itself gives the
+    same result and leaves ``state`` either unchanged or donated (every access raises
+    ``xf.DonatedStateError``), never silently changed.
+
+    Example:
+        >>> import torch, xform as xf
+        >>> from xform.testing import assert_deterministic
+        >>> def step(state, batch):
+        ...     loss, grads = xf.value_and_grad(lambda p: xf.apply(state, p, batch).square().mean())(state.params)
+        ...     return state.apply_gradients(grads), {"loss": loss}
+        >>> def make_state():
+        ...     torch.manual_seed(0)
+        ...     model = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 1))
+        ...     return xf.TrainState.create(model, optimizer=torch.optim.AdamW, lr=1e-3)
+        >>> assert_deterministic(step, make_state, torch.randn(4, 2))
+    """
+    (state,) = fresh_states(make_state, 1)
+    state = init_of(step)(state)
+    snapshot = state.copy()
+    runs = []
+    for _ in range(2):
+        s, history, first = state.copy(), [], None
+        for i in range(steps):
+            s, metrics = step(s, batch)
+            history.append(metrics)
+            if i == 0:
+                first = s.copy()
+        runs.append((s, history, first))
+        assert_states_close(state, snapshot, msg="step(state.copy(), batch) changed `state`")
+    (s1, h1, first1), (s2, h2, _) = runs
+    assert_states_close(s2, s1, msg="two copies of one state gave different states")
+    assert_states_close(h2, h1, msg="two copies of one state gave different metrics")
+    out, metrics = step(state, batch)
+    assert_states_close(out, first1, msg="step(state) and step(state.copy()) gave different states")
+    assert_states_close(metrics, h1[0], msg="step(state) and step(state.copy()) gave different metrics")
+    if state.donated:
+        try:
+            state.params
+        except DonatedStateError:
+            pass
+        else:
+            raise AssertionError("the donated input state still gives access to its params")
+    else:
+        assert_states_close(state, snapshot, msg="step(state, batch) silently changed `state`")
+
+
+def assert_resume_equivalent(
+    step: Callable[..., Any],
+    make_state: Callable[[], TrainState],
+    batches: "Sequence[Any] | Any",
+    split_at: int,
+    tmp_path: "str | os.PathLike",
+    *,
+    num_steps: int | None = None,
+) -> list[Any]:
+    """Asserts that save -> load -> continue equals an uninterrupted run, bit for bit.
+
+    Runs ``step`` uninterrupted; then again for ``split_at`` steps, saves with
+    ``xf.save``, loads into a fresh ``step.init(make_state())`` with ``xf.load`` and runs
+    the remaining steps. The metrics of every step and the final states must be equal.
+
+    Args:
+        step: the step (with its transforms).
+        make_state: zero-argument callable returning a fresh ``TrainState``.
+        batches: a sequence of batches, or an ``xf.DataLoader``: its ``iterate(state)``
+            then gives the batches, so the data position is checked too.
+        split_at: the number of steps before the checkpoint.
+        tmp_path: a directory for the checkpoint.
+        num_steps: the total number of steps; required with a loader, else all batches.
+
+    Returns:
+        The metrics of the uninterrupted run, one entry per step.
+
+    Example:
+        >>> import tempfile, torch, xform as xf
+        >>> from xform.testing import assert_resume_equivalent
+        >>> def step(state, batch):
+        ...     loss, grads = xf.value_and_grad(lambda p: xf.apply(state, p, batch).square().mean())(state.params)
+        ...     return state.apply_gradients(grads), {"loss": loss}
+        >>> def make_state():
+        ...     torch.manual_seed(0)
+        ...     return xf.TrainState.create(torch.nn.Linear(2, 1), optimizer=torch.optim.AdamW, lr=1e-3)
+        >>> loader = xf.DataLoader(torch.randn(10, 2), batch_size=4, shuffle=True)
+        >>> _ = assert_resume_equivalent(step, make_state, loader, 2, tempfile.mkdtemp(), num_steps=5)
+    """
+    from_loader = hasattr(batches, "iterate")
+    if from_loader and num_steps is None:
+        raise TypeError("assert_resume_equivalent: pass num_steps with a data loader")
+    if not from_loader:
+        batches = list(batches)
+        num_steps = len(batches) if num_steps is None else num_steps
+
+    def stream(state: TrainState, done: int) -> Iterable[Any]:
+        return batches.iterate(state, epochs=None) if from_loader else batches[done:]
+
+    if not 0 < split_at < num_steps:
+        raise ValueError(f"assert_resume_equivalent: need 0 < split_at < {num_steps}, got {split_at}")
+    init = init_of(step)
+    full, first, like = (init(s) for s in fresh_states(make_state, 3))
+    full, expected = run_steps(step, full, stream(full, 0), num_steps)
+    first, got = run_steps(step, first, stream(first, 0), split_at)
+    path = save(first, Path(tmp_path) / "xform-testing-resume")
+    restored = load(path, like=like)
+    assert_states_close(restored, first, msg="the loaded state differs from the saved one")
+    restored, rest = run_steps(step, restored, stream(restored, split_at), num_steps - split_at)
+    assert_states_close(
+        got + rest, expected, msg=f"metrics of the run resumed after step {split_at} vs the uninterrupted run"
+    )
+    assert_states_close(
+        restored, full, msg=f"final state of the run resumed after step {split_at} vs the uninterrupted run"
+    )
+    return expected
