@@ -93,8 +93,9 @@ class HybridShard(FullyShard):
 class TensorParallel:
     """Tensor parallelism over the mesh axis ``axis``: ``plan`` maps parameter-owning
     module names (fnmatch patterns) to ``"colwise"`` or ``"rowwise"``. Composed with
-    ``data_parallel`` (``None``, ``"replicate"`` or ``"fsdp"``) over ``dp_axis`` on a
-    2-D mesh."""
+    ``data_parallel`` (``None`` or ``"fsdp"``) over ``dp_axis`` on a 2-D mesh. Every process
+    of a tensor-parallel group must get the same batch: give ``xf.DataLoader`` the
+    data-parallel rank and size (``rank=mesh["dp"].get_local_rank(), world_size=...``)."""
 
     plan: Mapping[str, str]
     axis: str = "tp"
@@ -106,9 +107,9 @@ class TensorParallel:
         bad = {k: v for k, v in self.plan.items() if v not in ("colwise", "rowwise")}
         if bad:
             raise ValueError(f"TensorParallel: plan values must be 'colwise' or 'rowwise', got {bad}")
-        if self.data_parallel not in (None, "replicate", "fsdp"):
+        if self.data_parallel not in (None, "fsdp"):
             raise ValueError(
-                f"TensorParallel: data_parallel must be None, 'replicate' or 'fsdp', got {self.data_parallel!r}"
+                f"TensorParallel: data_parallel must be None or 'fsdp', got {self.data_parallel!r}"
             )
 
 

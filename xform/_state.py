@@ -533,7 +533,11 @@ def placeholder_opt_state(factory, params: Mapping[str, torch.Tensor], names) ->
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _is_dtensor(t: Any) -> bool:
+    return hasattr(t, "to_local") and hasattr(t, "placements")
 
 
 def build_optimizer(factory: OptimizerFactory, names, params, opt_state: dict[str, Any]) -> torch.optim.Optimizer:
@@ -556,11 +560,14 @@ def adopt_opt_state(optimizer, names, params, old) -> dict[str, dict[str, Any]]:
         entry = {}
         for key, v in live.items():
             ph = old["state"][k].get(key)
-            if isinstance(v, torch.Tensor) and isinstance(ph, torch.Tensor) and _local(ph).shape == v.shape and ph.dtype == v.dtype:
+            if not (isinstance(v, torch.Tensor) and isinstance(ph, torch.Tensor) and ph.dtype == v.dtype):
+                entry[key] = live[key] = v
+            elif _is_dtensor(v) or not _is_dtensor(ph):  # alike: copy whole
+                ph.copy_(v)
+                entry[key] = live[key] = ph
+            else:  # a local shard in the optimizer, a DTensor in the state
                 _local(ph).copy_(v)
                 entry[key], live[key] = ph, _local(ph)
-            else:
-                entry[key] = live[key] = v
         out[k] = entry
     return out
 
