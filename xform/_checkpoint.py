@@ -1,9 +1,23 @@
-"""Checkpoints: a ``TrainState`` serialized, atomically, without pickled code."""
+"""Checkpoints: a ``TrainState`` serialized, atomically, without pickled code.
+
+Two layouts of one format (``meta.json`` holds the tree: paths, kinds, global shapes,
+dtypes and the non-tensor leaves):
+
+- one process: the tensors in ``tensors.pt``, read back with ``weights_only=True``;
+- several processes: ``torch.distributed.checkpoint`` (DCP) files, each process writing
+  its shards; DCP's metadata is read with an unpickler that admits only DCP's own
+  metadata classes. Loading reshards: a checkpoint of any world size and strategy loads
+  into a state laid out for any other (2 -> 1, 1 -> 2, zero3 -> replicate).
+
+Several processes need a file system they all see (the usual case for checkpoints).
+"""
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import pickle
 import re
 import shutil
 import uuid
@@ -13,15 +27,24 @@ from typing import Any
 import optree
 import torch
 
+from xform._state import TrainState, _is_dtensor
 from xform.tree import NAMESPACE, path_str
-from xform._state import TrainState
 
-__all__ = ["save", "load", "CheckpointManager"]
+__all__ = ["save", "load", "CheckpointManager", "PendingSave"]
 
 _FORMAT = "xform-checkpoint-1"
 _TENSORS = "tensors.pt"
 _META = "meta.json"
+_DCP = "dcp"
 _PY = (bool, int, float, str, type(None))
+
+
+def _dist() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def _entries(state: TrainState) -> tuple[list[str], list[Any], optree.PyTreeSpec]:
@@ -50,57 +73,147 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def save(state: TrainState, path: str | os.PathLike) -> Path:
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            _fsync(Path(dirpath) / f)
+        _fsync(Path(dirpath))
+
+
+class PendingSave:
+    """An asynchronous save in flight: ``wait()`` (on every process) finishes it."""
+
+    def __init__(self, finish, future=None):
+        self._finish, self._future, self._path = finish, future, None
+
+    def wait(self) -> Path:
+        if self._path is None:
+            if self._future is not None:
+                self._future.result()
+            self._path = self._finish()
+        return self._path
+
+    def done(self) -> bool:
+        return self._path is not None or (self._future is not None and self._future.done())
+
+
+def save(state: TrainState, path: str | os.PathLike, *, async_save: bool = False) -> "Path | PendingSave":
     """Writes ``state`` to the directory ``path``, atomically.
 
     Everything in the state is saved: params, buffers, optimizer state, each transform's
     state (loss scale, ...), the RNG key, the data position and the step. The files are
     written to a temporary directory beside ``path``, fsynced, and renamed into place; a
     previous checkpoint at ``path`` is kept as ``path.prev`` until the new one is in
-    place, so an interrupted save never loses the last good checkpoint.
+    place, so an interrupted save never loses the last good checkpoint. Under several
+    processes every process must call ``save`` (each writes its shards).
+
+    Args:
+        state: the state to save.
+        path: the checkpoint directory.
+        async_save: copy the tensors to host memory, return a ``PendingSave`` at once,
+            and write in the background; ``.wait()`` on it (every process) finishes.
 
     Returns:
-        The checkpoint's path.
+        The checkpoint's path, or a ``PendingSave`` with ``async_save=True``.
     """
     path = Path(path)
     paths, leaves, _ = _entries(state)
-    meta = {"format": _FORMAT, "step": state.step, "leaves": []}
+    rank, world = _dist()
+    distributed = world > 1 or any(_is_dtensor(t) for t in leaves)
+    meta = {"format": _FORMAT, "layout": "dcp" if distributed else "single", "step": state.step, "leaves": []}
     tensors = {}
     for p, leaf in zip(paths, leaves):
         meta["leaves"].append({"path": p, **_describe(leaf)})
         if isinstance(leaf, torch.Tensor):
             tensors[p] = leaf.detach()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    tmp = _shared_tmp(path, rank, world)
+    future = None
     try:
-        torch.save(tensors, tmp / _TENSORS)
-        (tmp / _META).write_text(json.dumps(meta, indent=1))
-        for f in (_TENSORS, _META):
-            _fsync(tmp / f)
-        _fsync(tmp)
-        prev = path.with_name(path.name + ".prev")
-        if path.exists():
-            if prev.exists():
-                shutil.rmtree(prev)
-            os.rename(path, prev)
-        os.rename(tmp, path)
-        _fsync(path.parent)
-        if prev.exists():
-            shutil.rmtree(prev)
+        if distributed:
+            import torch.distributed.checkpoint as dcp
+
+            writer = dcp.FileSystemWriter(str(tmp / _DCP))
+            if async_save:
+                future = dcp.async_save(tensors, storage_writer=writer)
+            else:
+                dcp.save(tensors, storage_writer=writer)
+        elif rank == 0:
+            if async_save:
+                tensors = {k: v.to("cpu", copy=True) for k, v in tensors.items()}  # snapshot now
+                import concurrent.futures
+
+                pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+                future = pool.submit(torch.save, tensors, tmp / _TENSORS)
+                pool.shutdown(wait=False)
+            else:
+                torch.save(tensors, tmp / _TENSORS)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return path
+
+    def finish() -> Path:
+        try:
+            _barrier(world)
+            if rank == 0:
+                (tmp / _META).write_text(json.dumps(meta, indent=1))
+                _fsync_tree(tmp)
+                _swap_into_place(tmp, path)
+            _barrier(world)
+        except BaseException:
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
+
+    pending = PendingSave(finish, future)
+    return pending if async_save else pending.wait()
+
+
+def _shared_tmp(path: Path, rank: int, world: int) -> Path:
+    """A temporary directory beside ``path``, the same on every process."""
+    name = [f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"]
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.broadcast_object_list(name, src=0)
+    tmp = path.parent / name[0]
+    if rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    _barrier(world)
+    return tmp
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _swap_into_place(tmp: Path, path: Path) -> None:
+    prev = path.with_name(path.name + ".prev")
+    if path.exists():
+        if prev.exists():
+            shutil.rmtree(prev)
+        os.rename(path, prev)
+    os.rename(tmp, path)
+    _fsync(path.parent)
+    if prev.exists():
+        shutil.rmtree(prev)
 
 
 def load(path: str | os.PathLike, *, like: TrainState) -> TrainState:
     """Reads the checkpoint at ``path`` into a state laid out like ``like``.
 
     ``like`` is a state built the same way (same module, optimizer and transforms, e.g.
-    ``step.init(TrainState.create(...))``); it gives the structure, the static parts and
-    the devices, and stays valid. Tensors are read with ``weights_only=True``: loading
-    never runs pickled code.
+    ``step.init(TrainState.create(...))``): it gives the structure, the static parts, the
+    devices and the sharding; the checkpoint may come from another number of processes
+    or another strategy. Tensors are read without unpickling code.
+
+    ``like`` stays valid, except when its params are sharded (DTensors, which FSDP and
+    tensor parallelism keep registered in the module): those are loaded in place and
+    ``like`` is donated.
 
     Raises:
         FileNotFoundError: no checkpoint at ``path``.
@@ -133,20 +246,107 @@ def load(path: str | os.PathLike, *, like: TrainState) -> TrainState:
             f"differs is {first} ({where}); build `like` with the same module, optimizer and transforms "
             "(state = step.init(TrainState.create(...)))"
         )
-    tensors = torch.load(path / _TENSORS, weights_only=True, map_location="cpu")
-    leaves = []
     for p, ref in zip(paths, like_leaves):
         entry, want = saved[p], _describe(ref)
         if entry["kind"] != want["kind"] or entry.get("dtype") != want.get("dtype") or entry.get("shape") != want.get("shape"):
             got = {k: v for k, v in entry.items() if k in ("kind", "dtype", "shape")}
             exp = {k: v for k, v in want.items() if k in ("kind", "dtype", "shape")}
             raise ValueError(f"xf.load: the checkpoint at {path} differs from `like` at {p}: checkpoint {got}, like {exp}")
-        if entry["kind"] == "tensor":
-            t = tensors[p].to(ref.device)
-            leaves.append(t.requires_grad_(ref.requires_grad) if t.is_floating_point() else t)
+    in_place = any(_is_dtensor(t) for t in like.params.values())
+    targets = {
+        p: (ref.detach() if in_place and p.startswith("params") else _empty_like(ref))
+        for p, ref in zip(paths, like_leaves)
+        if isinstance(ref, torch.Tensor)
+    }
+    if meta.get("layout") == "dcp":
+        _read_dcp(path / _DCP, targets)
+    else:
+        _read_single(path / _TENSORS, targets)
+    leaves = []
+    for p, ref in zip(paths, like_leaves):
+        if isinstance(ref, torch.Tensor):
+            t = targets[p]
+            if ref.requires_grad and not in_place:
+                t.requires_grad_(True)
+            leaves.append(ref if in_place and p.startswith("params") else t)
         else:
-            leaves.append(entry["value"])
-    return optree.tree_unflatten(spec, leaves)
+            leaves.append(saved[p]["value"])
+    out = optree.tree_unflatten(spec, leaves)
+    if in_place:
+        like._donate()
+    return out
+
+
+def _empty_like(t: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.empty_like(t.detach())
+
+
+def _read_single(file: Path, targets: dict[str, torch.Tensor]) -> None:
+    tensors = torch.load(file, weights_only=True, map_location="cpu")
+    with torch.no_grad():
+        for p, t in targets.items():
+            src = tensors[p]
+            if _is_dtensor(t):
+                from torch.distributed.tensor import distribute_tensor
+
+                src = distribute_tensor(src.to(t.device_mesh.device_type), t.device_mesh, t.placements)
+            t.copy_(src)
+
+
+def _read_dcp(directory: Path, targets: dict[str, torch.Tensor]) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    rank, world = _dist()
+    dcp.load(targets, storage_reader=_SafeReader(str(directory)), no_dist=world == 1)
+
+
+# DCP pickles its metadata; read it admitting only the classes that metadata is made of.
+_ALLOWED_MODULES = (
+    "torch.distributed.checkpoint.metadata",
+    "torch.distributed.checkpoint.filesystem",
+    "torch.distributed.checkpoint.planner",
+    "torch.distributed.checkpoint._hf_utils",
+)
+_ALLOWED = {("torch", "Size"), ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
+            ("builtins", "slice"), ("torch", "device"), ("torch.serialization", "_get_layout"),
+            ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (
+            module in _ALLOWED_MODULES
+            or (module, name) in _ALLOWED
+            or (module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)))
+        ):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(
+            f"xf.load: the checkpoint's DCP metadata refers to {module}.{name}, which is not part of "
+            "DCP metadata; refusing to unpickle it"
+        )
+
+
+def _safe_reader_class():
+    from torch.distributed.checkpoint import FileSystemReader
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any):
+            from torch.distributed.checkpoint.metadata import StorageMeta
+
+            rank = kwargs.get("rank")
+            with self.fs.create_stream(self._get_metadata_path(rank), "rb") as f:
+                metadata = _MetadataUnpickler(io.BytesIO(f.read())).load()
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader
+
+
+def _SafeReader(path: str):
+    return _safe_reader_class()(path)
 
 
 class CheckpointManager:
@@ -188,9 +388,10 @@ class CheckpointManager:
     def save(self, state: TrainState) -> Path:
         """Saves ``state`` as ``step_<step>`` and removes all but the newest ``keep``."""
         out = save(state, self.directory / f"step_{state.step:09d}")
-        if self.keep is not None:
+        if self.keep is not None and _dist()[0] == 0:
             for old in self.checkpoints()[: -self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
+        _barrier(_dist()[1])
         return out
 
     def restore(self, *, like: TrainState) -> TrainState | None:
