@@ -297,8 +297,12 @@ def _read_single(file: Path, targets: dict[str, torch.Tensor]) -> None:
 def _read_dcp(directory: Path, targets: dict[str, torch.Tensor]) -> None:
     import torch.distributed.checkpoint as dcp
 
-    rank, world = _dist()
-    dcp.load(targets, storage_reader=_SafeReader(str(directory)), no_dist=world == 1)
+    import warnings
+
+    _, world = _dist()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+        dcp.load(targets, storage_reader=_SafeReader(str(directory)), no_dist=world == 1)
 
 
 # DCP pickles its metadata; read it admitting only the classes that metadata is made of.

@@ -1,0 +1,90 @@
+"""Functions the sharding tests run in pool processes (importable by spawned workers)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import xform as xf
+
+
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
+
+
+def step(state, batch):
+    def loss_fn(params):
+        return F.mse_loss(xf.apply(state, params, batch["x"]), batch["y"])
+
+    loss, grads = xf.value_and_grad(loss_fn)(state.params)
+    return state.apply_gradients(grads), {"loss": loss}
+
+
+def data(steps: int = 4, n: int = 8) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [{"x": torch.randn(n, 5, generator=g), "y": torch.randn(n, 3, generator=g)} for _ in range(steps)]
+
+
+def world() -> tuple[int, int]:
+    return (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+
+
+def make(strategy: str | None):
+    s = xf.accumulate(step, 2)
+    if strategy is not None:
+        s = xf.shard(s, strategy)
+    init = getattr(s, "init", lambda x: x)
+    return s, init(xf.TrainState.create(model(), optimizer=torch.optim.AdamW, lr=1e-2))
+
+
+def phase(strategy: str | None, path: str | None, start: int, stop: int, load: str | None = None):
+    """Trains on global batches [start, stop) (this process's slice), loading ``load``
+    first and saving to ``path`` after; returns the full params and the step."""
+    size, rank = world()
+    s, state = make(strategy)
+    if load:
+        state = xf.load(load, like=state)
+    for b in data()[start:stop]:
+        n = b["x"].shape[0] // size
+        state, _ = s(state, {k: v[rank * n : (rank + 1) * n] for k, v in b.items()})
+    if path:
+        xf.save(state, path)
+    full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone() for k, v in state.params.items()}
+    return full, state.step
+
+
+def error_of(fn_name: str) -> str:
+    """Runs one misuse on this process and returns the error message."""
+    try:
+        globals()[fn_name]()
+    except Exception as e:  # noqa: BLE001
+        return f"{type(e).__name__}: {e}"
+    return "no error"
+
+
+def hsdp_without_mesh():
+    xf.shard(step, "hsdp").init(xf.TrainState.create(model(), optimizer=torch.optim.SGD, lr=0.1))
+
+
+def tp_plan_matches_nothing():
+    s = xf.shard(step, xf.TensorParallel(plan={"nothing*": "colwise"}), mesh=xf.mesh(dp=1, tp=2))
+    s.init(xf.TrainState.create(model(), optimizer=torch.optim.SGD, lr=0.1))
+
+
+def mesh_of_wrong_size():
+    xf.mesh(dp=3)
+
+
+def init_after_training():
+    s = xf.shard(step, "zero1")
+    state = xf.TrainState.create(model(), optimizer=torch.optim.SGD, lr=0.1, momentum=0.9)
+    state, _ = step(state, data()[0])
+    s.init(state)
+
+
+def apply_with_other_params_under_zero3():
+    s = xf.shard(lambda st, b: (st, xf.apply(st, dict(st.params), b["x"])), "zero3")
+    state = s.init(xf.TrainState.create(model(), optimizer=torch.optim.SGD, lr=0.1))
+    s(state, data()[0])
