@@ -5,7 +5,7 @@ Write one pure step ``step(state, batch) -> (state, metrics)``; transform it wit
 in one immutable pytree, ``TrainState``.
 """
 
-from xform import tree
+from xform import distributed, tree
 from xform._accumulate import accumulate
 from xform._checkpoint import CheckpointManager, load, save
 from xform._data import DataLoader
@@ -37,6 +37,7 @@ __all__ = [
     "ZeRO",
     "accumulate",
     "apply",
+    "distributed",
     "load",
     "mesh",
     "mixed_precision",
