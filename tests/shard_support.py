@@ -88,3 +88,21 @@ def apply_with_other_params_under_zero3():
     s = xf.shard(lambda st, b: (st, xf.apply(st, dict(st.params), b["x"])), "zero3")
     state = s.init(xf.TrainState.create(model(), optimizer=torch.optim.SGD, lr=0.1))
     s(state, data()[0])
+
+
+def async_save_then_train(strategy: str | None, path: str):
+    """Saves asynchronously, trains on (changing the params in place), then finishes the
+    save; returns the params at save time and the params loaded back."""
+    size, rank = world()
+    s, state = make(strategy)
+    b = data()[0]
+    n = b["x"].shape[0] // size
+    mine = {k: v[rank * n : (rank + 1) * n] for k, v in b.items()}
+    state, _ = s(state, mine)
+    at_save = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone() for k, v in state.params.items()}
+    pending = xf.save(state, path, async_save=True)
+    state, _ = s(state, mine)  # the update runs in place while the save is in flight
+    pending.wait()
+    _, fresh = make(strategy)
+    loaded = xf.load(path, like=fresh)
+    return at_save, {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone() for k, v in loaded.params.items()}

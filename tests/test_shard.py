@@ -93,3 +93,12 @@ def test_world_size_without_group_is_an_error(monkeypatch):
     s = xf.shard(sup.step, "replicate")
     with pytest.raises(RuntimeError, match="xf.distributed.initialize"):
         s.init(xf.TrainState.create(sup.model(), optimizer=torch.optim.SGD, lr=0.1))
+
+
+@pytest.mark.parametrize("strategy", [None, "replicate", "zero3"])
+def test_async_save_captures_the_state_at_the_call(pool2, tmp_path, strategy):
+    path = str(tmp_path / "ckpt")
+    results = [sup.async_save_then_train(None, path)] if strategy is None else pool2.run(sup.async_save_then_train, strategy, path)
+    for at_save, loaded in results:
+        for name in at_save:
+            assert torch.equal(at_save[name], loaded[name]), name

@@ -128,13 +128,20 @@ def save(state: TrainState, path: str | os.PathLike, *, async_save: bool = False
             tensors[p] = leaf.detach()
     tmp = _shared_tmp(path, rank, world)
     future = None
+    groups: list[Any] = []
     try:
         if distributed:
+            import torch.distributed as dist
             import torch.distributed.checkpoint as dcp
 
             writer = dcp.FileSystemWriter(str(tmp / _DCP))
             if async_save:
-                future = dcp.async_save(tensors, storage_writer=writer)
+                # Snapshot now (training updates tensors in place), and write over a group of
+                # its own: collectives of two threads on one group would interleave.
+                tensors = {k: v.detach().clone() for k, v in tensors.items()}
+                group = dist.new_group(backend="gloo") if world > 1 else None
+                future = dcp.async_save(tensors, storage_writer=writer, process_group=group)
+                groups.append(group)
             else:
                 dcp.save(tensors, storage_writer=writer)
         elif rank == 0:
@@ -163,6 +170,12 @@ def save(state: TrainState, path: str | os.PathLike, *, async_save: bool = False
             if rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise
+        finally:
+            for g in groups:
+                if g is not None:
+                    import torch.distributed as dist
+
+                    dist.destroy_process_group(g)
         return path
 
     pending = PendingSave(finish, future)

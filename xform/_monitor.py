@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any
-
 import torch
 
 __all__ = ["Monitor", "PEAK_FLOPS", "peak_flops_of", "peak_rss_bytes", "rss_bytes"]
@@ -125,6 +123,8 @@ class Monitor:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"Monitor: device {self.device} was asked for, but CUDA is not available; use device='cpu'")
         if self.device.type == "cuda" and self.device.index is None and torch.cuda.is_available():
             self.device = torch.device("cuda", torch.cuda.current_device())
         for name, v in (("flops_per_sample", flops_per_sample), ("flops_per_token", flops_per_token)):
@@ -132,8 +132,12 @@ class Monitor:
                 raise ValueError(f"Monitor: {name} must be a number > 0 or None, got {v!r}")
         if peak_flops == "auto":
             peak_flops = peak_flops_of(self.device)
-        elif peak_flops is not None and (isinstance(peak_flops, (bool, str)) or not isinstance(peak_flops, (int, float)) or not peak_flops > 0):
-            raise ValueError(f"Monitor: peak_flops must be 'auto', a number of FLOP/s > 0 (e.g. 989e12) or None, got {peak_flops!r}")
+        elif peak_flops is not None and (
+            isinstance(peak_flops, (bool, str)) or not isinstance(peak_flops, (int, float)) or not peak_flops > 0
+        ):
+            raise ValueError(
+                f"Monitor: peak_flops must be 'auto', a number of FLOP/s > 0 (e.g. 989e12) or None, got {peak_flops!r}"
+            )
         self.flops_per_sample = flops_per_sample
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_flops

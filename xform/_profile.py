@@ -77,17 +77,32 @@ class Profile:
         if self._prof is None:
             raise RuntimeError("profile: step() outside the `with xf.profile(...) as prof:` block")
         self.steps += 1
-        self._prof.step()
+        if self.repeat == 1:
+            self._prof.step()
+            return
+        with warnings.catch_warnings():  # each cycle is exported on its own: torch's note does not apply
+            warnings.filterwarnings("ignore", message=".*Profiler clears events at the end of each cycle")
+            self._prof.step()
 
     def __exit__(self, *exc: Any) -> None:
         prof, self._prof = self._prof, None
-        prof.__exit__(*exc)
-        if not self.traces and exc[0] is None:
-            first = self.wait + self.warmup + 1
+        prof.__exit__(*exc)  # inside an active window, torch writes what it has recorded
+        cycle = self.wait + self.warmup + self.active
+        if exc[0] is not None or self.steps >= cycle * self.repeat:
+            return
+        into = self.steps % cycle - (self.wait + self.warmup)  # steps done in an unfinished active window
+        first = self.wait + self.warmup + 1
+        if into >= 0:
+            warnings.warn(
+                f"profile: the block ended {into} step(s) into a {self.active}-step active window; "
+                f"{self.traces[-1].name} holds only those",
+                stacklevel=2,
+            )
+        elif not self.traces:
             warnings.warn(
                 f"profile: the block ended after {self.steps} step() calls, before the first active window "
-                f"(steps {first}..{first + self.active - 1}) was complete; no trace was written to {self.dir}. "
-                f"Run at least {self.wait + self.warmup + self.active} steps, or lower wait/warmup/active",
+                f"(steps {first}..{first + self.active - 1}); no trace was written to {self.dir}. "
+                f"Run at least {cycle} steps, or lower wait/warmup/active",
                 stacklevel=2,
             )
 

@@ -84,9 +84,11 @@ class _Tqdm:
         self.bar = tqdm(total=total, desc=desc, file=file, unit="step", dynamic_ncols=True, mininterval=0, leave=True)
 
     def draw(self, n: int, elapsed: float, rate: float | None, postfix: str, final: bool = False) -> None:
-        self.bar.n = n
         self.bar.set_postfix_str(postfix, refresh=False)
-        self.bar.refresh()
+        if n > self.bar.n:
+            self.bar.update(n - self.bar.n)  # tqdm's own rate estimate sees every refresh
+        else:
+            self.bar.refresh()
 
     def close(self) -> None:
         self.bar.close()
@@ -154,6 +156,7 @@ class Progress:
         if not self.enabled:
             yield from self.iterable
             return
+        self._open()
         try:
             for batch in self.iterable:
                 yield batch  # the loop body runs here; the step is done when the next batch is asked for
@@ -165,6 +168,7 @@ class Progress:
         """Counts ``n`` finished steps (and their samples and tokens); refreshes at most every ``refresh_s``."""
         if not self.enabled:
             return
+        self._open()
         self.n += n
         self.samples_seen += samples or 0
         self.tokens_seen += tokens or 0
@@ -194,10 +198,14 @@ class Progress:
         if self._metrics:
             values = to_host(self._metrics, api="progress.set_metrics")
             parts += [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()]
-        if self._view is None:
-            self._view = (_Tqdm if self.renderer == "tqdm" else _Plain)(self.file, self.desc, self.total)
+        self._open()
         self._view.draw(self.n, now - self._start, rate, " ".join(parts), final=final)
         self._last_t, self._last = now, (self.n, self.samples_seen, self.tokens_seen)
+
+    def _open(self) -> None:
+        if self._view is None:  # the clocks start with the first step
+            self._view = (_Tqdm if self.renderer == "tqdm" else _Plain)(self.file, self.desc, self.total)
+            self._start = self._last_t = time.perf_counter()
 
     def close(self) -> None:
         """Draws the final line (whole-run averages) and ends it."""

@@ -14,7 +14,10 @@ import socket
 import sys
 from typing import Any
 
-__all__ = ["PACKAGES", "DIST_ENV_VARS", "package_version", "package_versions", "cpu_count", "devices", "rank_and_world", "system_info"]
+__all__ = [
+    "PACKAGES", "DIST_ENV_VARS", "package_version", "package_versions", "cpu_count", "devices", "rank_and_world",
+    "system_info",
+]  # fmt: skip
 
 PACKAGES = ("torch", "xform", "deepspeed", "torch_xla", "optree", "attrs", "wandb", "tensorboard", "tqdm", "numpy")
 

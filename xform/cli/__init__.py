@@ -39,6 +39,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("env", "xform.cli._env"),
     Command("config", "xform.cli._config"),
     Command("estimate-memory", "xform.cli._estimate"),
+    Command("launch", "xform.cli._launch"),
 )
 
 _EPILOG = "Run 'xform <command> --help' for a command's options."

@@ -137,7 +137,9 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     data.pop("version", None)
     unknown = sorted(set(data) - set(LaunchConfig.fields()))
     if unknown:
-        raise ValueError(f"config file {path} has unknown settings {unknown}; the settings are {list(LaunchConfig.fields())}; {fix}")
+        raise ValueError(
+            f"config file {path} has unknown settings {unknown}; the settings are {list(LaunchConfig.fields())}; {fix}"
+        )
     try:
         attrs.evolve(_DEFAULTS, **data)
     except ValueError as e:
