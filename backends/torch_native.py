@@ -124,10 +124,18 @@ class _Entry:
         return full[self.lo : self.hi] if self.sharded else full
 
 
+_FIRST_BUCKET_BYTES = 2**20  # DDP's default first bucket: communication starts early in backward
+
+
 class _Plan:
     """Trainable params in buckets of about ``bucket_mb``, in reverse order (the order in
     which backward tends to produce their gradients). ``sharded`` entries are laid out
-    process-major inside a bucket, ready for reduce-scatter and all-gather."""
+    process-major inside a bucket, ready for reduce-scatter and all-gather.
+
+    Buckets are cut as DDP cuts them: a tensor joins the open bucket, which closes once
+    it holds at least the limit (so a bias shares its weight's bucket instead of costing
+    a collective of its own), and the first bucket's limit is at most 1 MiB, so that the
+    first collective starts as soon as the last layers' gradients are ready."""
 
     def __init__(self, params: dict[str, torch.Tensor], names, rank: int, world: int, bucket_mb: float, sharded: bool):
         self.world, self.rank = world, rank
@@ -141,12 +149,11 @@ class _Plan:
         current: list[_Entry] = []
         size = 0
         for e in group:
-            e_bytes = (e.chunk * world if e.sharded else e.numel) * params[e.name].element_size()
-            if current and size + e_bytes > limit:
+            current.append(e)
+            size += (e.chunk * world if e.sharded else e.numel) * params[e.name].element_size()
+            if size >= (min(limit, _FIRST_BUCKET_BYTES) if not self.buckets else limit):
                 self._close(current)
                 current, size = [], 0
-            current.append(e)
-            size += e_bytes
         if current:
             self._close(current)
         self.replicated = rest  # reduced by one all-reduce after the sharded buckets
@@ -447,9 +454,7 @@ def _relaid(state: TrainState) -> TrainState:
     params = dict(state.module.named_parameters())
     names = state._spec.trainable
     opt = {"initialized": False, "state": placeholder_opt_state(state._spec.optimizer, params, names)}
-    new = state.replace(params=params, opt_state=opt)
-    state._donate()
-    return new
+    return state._relaid("shard's step.init, which laid its params out", params=params, opt_state=opt)
 
 
 class _FullyShard:

@@ -286,7 +286,7 @@ def load(path: str | os.PathLike, *, like: TrainState) -> TrainState:
             leaves.append(saved[p]["value"])
     out = optree.tree_unflatten(spec, leaves)
     if in_place:
-        like._donate()
+        like._donate("xf.load, which loaded its sharded params in place")
     return out
 
 

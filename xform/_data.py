@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import random
+import sys
 from typing import Any, Callable, Iterator
 
 import torch
 import torch.utils.data
 
-from xform import distributed as _distributed
+from xform._runtime import runtime as _runtime
 from xform._state import TrainState
 
 __all__ = ["DataLoader"]
@@ -16,6 +18,34 @@ __all__ = ["DataLoader"]
 
 def _mix(*xs: int) -> int:
     return hash(tuple(xs)) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+class _Batch(list):
+    """One process's dataset indices of one batch, and the seed its worker draws from."""
+
+    seed: int
+
+
+class _SeededFetch(torch.utils.data.Dataset):
+    """Seeds a worker's random streams from the batch before fetching it, so that random
+    augmentations depend on the batch alone, not on which worker fetched what before."""
+
+    def __init__(self, dataset: Any):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.dataset[i]
+
+    def __getitems__(self, batch: _Batch) -> list[Any]:
+        torch.manual_seed(batch.seed)
+        random.seed(batch.seed)
+        if "numpy" in sys.modules:
+            sys.modules["numpy"].random.seed(batch.seed % 2**32)
+        getitems = getattr(self.dataset, "__getitems__", None)
+        return getitems(list(batch)) if getitems else [self.dataset[i] for i in batch]
 
 
 class DataLoader:
@@ -47,7 +77,9 @@ class DataLoader:
     examples from the start of the epoch's order, up to a multiple of ``world_size``, so
     that every rank gets a batch of the same size; ``padding(i)`` says how many examples
     of global batch ``i`` are such repeats (always at the end of the global batch, i.e.
-    on the last ranks), and ``xf.distributed.gather_for_metrics`` drops them.
+    on the last ranks), and ``xf.distributed.gather_for_metrics`` drops them. In training
+    the repeats take part in that last step; ``drop_last=True`` keeps every step equal to
+    the single-process step on the same global batch.
 
     Args:
         dataset: a map-style dataset (``__len__`` and ``__getitem__``).
@@ -61,7 +93,8 @@ class DataLoader:
             ``TrainState.create``).
         drop_last: drop the last, incomplete global batch.
         num_workers, collate_fn, pin_memory: as in ``torch.utils.data.DataLoader``.
-            Workers are seeded from (seed, epoch, position), so random augmentations
+            Each batch is fetched with the worker's random streams (torch, ``random``,
+            numpy) seeded from (seed, epoch, batch, rank), so random augmentations
             resume exactly too.
         rank, world_size: this process's slice; by default ``xf.distributed.rank()`` and
             ``xf.distributed.world_size()`` (0 and 1 without a process group).
@@ -92,7 +125,8 @@ class DataLoader:
         rank: int | None = None,
         world_size: int | None = None,
     ):
-        if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+        iterable = isinstance(dataset, torch.utils.data.IterableDataset)
+        if iterable or not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
             raise TypeError(
                 f"xf.DataLoader: dataset must be map-style (__len__ and __getitem__), got {type(dataset).__name__}"
             )
@@ -106,7 +140,7 @@ class DataLoader:
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(f"xf.DataLoader: {name} must be a positive int, got {size!r}")
         if world_size is None:
-            rt = _distributed.runtime()
+            rt = _runtime()
             world_size = rt.world_size
             rank = rt.rank if rank is None else rank
         if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
@@ -208,23 +242,28 @@ class DataLoader:
     def indices(self, seed: int, index: int) -> list[int]:
         """The dataset indices of this process's slice of global batch ``index``."""
         epoch, b = divmod(index, len(self))
-        return self._slice(self.order(seed, epoch), b)
+        return list(self._slice(self.order(seed, epoch), b))
 
-    def _slice(self, order: torch.Tensor, b: int) -> list[int]:
+    def _slice(self, order: torch.Tensor, b: int) -> _Batch:
         gbs = self.global_batch_size
         chunk = order[b * gbs : (b + 1) * gbs]
         per, pad = self.layout(b)
         if pad:  # wrap around to the start of the epoch's order (cyclically, for tiny data)
             chunk = torch.cat([chunk, order[torch.arange(pad) % len(order)]])
-        return chunk[self.rank * per : (self.rank + 1) * per].tolist()
+        return _Batch(chunk[self.rank * per : (self.rank + 1) * per].tolist())
 
     def _epoch(self, seed: int, epoch: int, start: int) -> Iterator[Any]:
         order = self.order(seed, epoch)
         batches = [self._slice(order, b) for b in range(start, len(self))]
         if not batches:
             return
+        dataset = self.dataset
+        if self.num_workers:
+            dataset = _SeededFetch(dataset)
+            for b, batch in enumerate(batches, start):
+                batch.seed = _mix(seed, epoch, b, self.rank)
         loader = torch.utils.data.DataLoader(
-            self.dataset,
+            dataset,
             batch_sampler=batches,
             num_workers=self.num_workers,
             collate_fn=self.collate_fn,

@@ -168,7 +168,8 @@ class _Handler(Handler):
     def apply(self, state, params, args, kwargs, next):
         device = state._runtime("xf.apply").device
         if self.policy.compute_dtype == self.policy.param_dtype:
-            out = next(state, params, _cast_floats(args, self.policy.compute_dtype), kwargs)
+            dtype = self.policy.compute_dtype
+            out = next(state, params, _cast_floats(args, dtype), _cast_floats(kwargs, dtype))
         else:
             with torch.autocast(device.type, dtype=self.policy.compute_dtype):
                 out = next(state, params, args, kwargs)

@@ -23,9 +23,9 @@ class DonatedStateError(RuntimeError):
 
 
 _DONATED = (
-    "{api}: this TrainState was donated to the step that produced step {step}; its tensors "
-    "now hold the updated values. Use the state that step returned, or keep this one by "
-    "passing state.copy() to the step (or apply_gradients(grads, donate=False))."
+    "{api}: this TrainState was donated to {by}; its tensors now belong to the state that "
+    "made, and may hold updated values. Use that state, or keep this one by passing "
+    "state.copy() instead (or apply_gradients(grads, donate=False))."
 )
 
 
@@ -82,14 +82,29 @@ class _Runtime:
         module.__dict__["_xform_bound"] = self
 
 
+class _Tensors:
+    """The ownership of one set of tensors. States that share tensors (``replace``)
+    share it; an update that changes the tensors in place consumes it, and with it every
+    state sharing them: nothing is left silently showing updated values."""
+
+    __slots__ = ("consumed_by",)
+
+    def __init__(self) -> None:
+        self.consumed_by: str | None = None
+
+
 class _Life:
-    """Mutable liveness of one state object: donated or not, and its runtime."""
+    """Liveness of one state object: the tensors it owns, and its runtime."""
 
-    __slots__ = ("donated_at", "runtime")
+    __slots__ = ("tensors", "runtime")
 
-    def __init__(self, runtime: _Runtime):
-        self.donated_at: int | None = None
+    def __init__(self, runtime: _Runtime, tensors: _Tensors | None = None):
+        self.tensors = tensors if tensors is not None else _Tensors()
         self.runtime = runtime
+
+    @property
+    def donated_by(self) -> str | None:
+        return self.tensors.consumed_by
 
 
 def _leaf_field(**kw: Any) -> Any:
@@ -216,8 +231,8 @@ class TrainState:
     # --- leaves, checked for donation ---------------------------------------------------
 
     def _alive(self, api: str) -> None:
-        if self._life.donated_at is not None:
-            raise DonatedStateError(_DONATED.format(api=api, step=self._life.donated_at))
+        if self._life.donated_by is not None:
+            raise DonatedStateError(_DONATED.format(api=api, by=self._life.donated_by))
 
     @property
     def step(self) -> int:
@@ -265,7 +280,7 @@ class TrainState:
 
     @property
     def donated(self) -> bool:
-        return self._life.donated_at is not None
+        return self._life.donated_by is not None
 
     def _runtime(self, api: str) -> _Runtime:
         self._alive(api)
@@ -274,7 +289,12 @@ class TrainState:
     # --- functional updates -------------------------------------------------------------
 
     def replace(self, **changes: Any) -> "TrainState":
-        """A new state with the given leaves replaced (``step``, ``params``, ...)."""
+        """A new state with the given leaves replaced (``step``, ``params``, ...).
+
+        The new state shares this one's other tensors. Both stay valid until either is
+        donated to an update, which changes the shared tensors in place: then both are.
+        Keep this one apart with ``state.copy().replace(...)``.
+        """
         self._alive("TrainState.replace")
         unknown = set(changes) - _LEAF_NAMES
         if unknown:
@@ -283,7 +303,7 @@ class TrainState:
             )
         tensors_changed = bool({"params", "buffers", "opt_state"} & set(changes))
         runtime = _Runtime(self._spec) if tensors_changed else self._life.runtime
-        return attrs.evolve(self, **changes, life=_Life(runtime))
+        return attrs.evolve(self, **changes, life=_Life(runtime, self._life.tensors))
 
     def copy(self) -> "TrainState":
         """A state with its own copies of every tensor: donating it leaves ``self`` intact."""
@@ -334,12 +354,19 @@ class TrainState:
             spec=self._spec,
             life=_Life(self._life.runtime),
         )
-        self._life.donated_at = new._step
+        self._life.tensors.consumed_by = f"the update that produced step {new._step}"
         return new
 
-    def _donate(self) -> None:
-        """Marks this state used up (its tensors were moved into another state)."""
-        self._life.donated_at = self._step
+    def _donate(self, by: str) -> None:
+        """Marks this state (and every state sharing its tensors) used up."""
+        self._life.tensors.consumed_by = by
+
+    def _relaid(self, by: str, **changes: Any) -> "TrainState":
+        """A state over tensors laid out anew (sharded, cast) that now own the old ones:
+        this state and those sharing its tensors are donated to it."""
+        new = attrs.evolve(self, **changes, life=_Life(_Runtime(self._spec)))
+        self._donate(by)
+        return new
 
     def _evolve_leaves(self, **changes: Any) -> "TrainState":
         """Same liveness and runtime, other non-tensor leaves (a handler's bookkeeping)."""
@@ -361,7 +388,7 @@ class TrainState:
 
     def __repr__(self) -> str:
         if self.donated:
-            return f"TrainState(<donated at step {self._life.donated_at}>)"
+            return f"TrainState(<donated to {self._life.donated_by}>)"
         n = sum(p.numel() for p in self._params.values())
         return (
             f"TrainState(step={self._step}, params={len(self._params)} tensors/{n:,} values, "

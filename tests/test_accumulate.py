@@ -1,0 +1,193 @@
+"""``accumulate``: splitting, equivalence with the full batch, metrics, and errors."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import xform as xf
+from xform._accumulate import combine_metrics, split_batch
+from xform.testing import assert_accumulate_equivalent, assert_states_close
+
+from _util import batch, make_state, step, token_step
+
+
+def token_batch():
+    """Rows with 4, 0, 1 and 3 valid tokens: micro-batches of 2 rows hold 4 and 4, of
+    1 row hold 4, 0, 1 and 3 tokens."""
+    g = torch.Generator().manual_seed(5)
+    y = torch.randint(0, 3, (4, 4), generator=g)
+    for row, valid in enumerate([4, 0, 1, 3]):
+        y[row, valid:] = -100
+    return {"x": torch.randn(4, 4, 4, generator=g), "y": y}
+
+
+def test_the_error_for_an_indivisible_batch_names_the_fix():
+    with pytest.raises(ValueError) as info:
+        xf.accumulate(step, 4)(make_state(), batch(30))
+    assert str(info.value) == "accumulate: batch size 30 is not divisible by steps=4; pass a batch of 32 or use steps=5"
+
+
+def test_the_state_is_kept_when_the_batch_is_refused():
+    state = make_state()
+    with pytest.raises(ValueError):
+        xf.accumulate(step, 3)(state, batch(8))
+    assert not state.donated and state.step == 0
+
+
+@pytest.mark.parametrize(
+    "steps, error, match",
+    [
+        (0, ValueError, "accumulate: steps must be >= 1, got 0"),
+        (-2, ValueError, "accumulate: steps must be >= 1, got -2"),
+        ("2", TypeError, "accumulate: steps must be an int, got '2'"),
+        (2.0, TypeError, "accumulate: steps must be an int, got 2.0"),
+        (True, TypeError, "accumulate: steps must be an int, got True"),
+    ],
+)
+def test_bad_steps_are_refused_at_wrap_time(steps, error, match):
+    with pytest.raises(error, match=match):
+        xf.accumulate(step, steps)
+
+
+def test_a_non_callable_step_is_refused():
+    with pytest.raises(TypeError, match="accumulate: expected a step function step\\(state, batch\\) -> \\(state, metrics\\), got 3"):
+        xf.accumulate(3, 2)
+
+
+def test_one_step_is_the_identity_and_wrapping_keeps_the_name():
+    assert xf.accumulate(step, 1) is step
+    wrapped = xf.accumulate(step, 4)
+    assert wrapped.__name__ == "step" and wrapped.steps == 4 and wrapped.__wrapped__ is step
+
+
+def test_equals_the_full_batch_step():
+    ref, acc = assert_accumulate_equivalent(step, make_state, batch(8), 4)
+    assert acc.step == ref.step == 3 and acc.data["consumed"] == 3
+
+
+def test_token_loss_with_uneven_counts_equals_the_full_batch_step():
+    assert_accumulate_equivalent(token_step, lambda: make_state(sizes=(4, 8, 3)), token_batch(), 4)
+
+
+def test_a_micro_batch_without_any_item_is_fine():
+    b = token_batch()
+    b["y"][:2] = -100  # the first micro-batch of 2 rows holds no valid token
+    assert_accumulate_equivalent(token_step, lambda: make_state(sizes=(4, 8, 3)), b, 2)
+
+
+def test_averaging_per_micro_batch_means_is_not_the_full_batch_mean():
+    """The negative control of the token test: a per-micro-batch mean loss weights a
+    micro-batch with 1 token like one with 4, and the check above catches it."""
+
+    def mean_step(state, b):
+        def loss_fn(p):
+            logits = xf.apply(state, p, b["x"])
+            return F.cross_entropy(logits.flatten(0, -2), b["y"].flatten(), ignore_index=-100)
+
+        loss, grads = xf.value_and_grad(loss_fn)(state.params)
+        return state.apply_gradients(grads), {"loss": loss}
+
+    b = token_batch()
+    b["y"][1, 0] = 1  # no micro-batch without tokens: its mean would be nan
+    make = lambda: make_state(sizes=(4, 8, 3))  # noqa: E731
+    assert_accumulate_equivalent(mean_step, make, {**b, "y": b["y"].clone().fill_(1)}, 4)  # even counts: fine
+    with pytest.raises(AssertionError, match=r"accumulate\(step, 4\) vs step, after update 1: the states differ at"):
+        assert_accumulate_equivalent(mean_step, make, b, 4)
+
+
+def test_nested_accumulate_runs_the_product_of_micro_batches():
+    make = lambda: make_state()  # noqa: E731
+    nested, _ = xf.accumulate(xf.accumulate(step, 2), 3)(make(), batch(12))
+    flat, _ = xf.accumulate(step, 6)(make(), batch(12))
+    full, _ = step(make(), batch(12))
+    assert nested.step == 1
+    assert_states_close(nested, full, rtol=1e-6, atol=1e-7)
+    assert_states_close(flat, full, rtol=1e-6, atol=1e-7)
+
+
+def test_a_step_must_call_apply_gradients_exactly_once():
+    def no_update(state, b):
+        return state, {}
+
+    def two_updates(state, b):
+        _, grads = xf.value_and_grad(lambda p: F.cross_entropy(xf.apply(state, p, b["x"]), b["y"]))(state.params)
+        state = state.apply_gradients(grads)
+        return state.apply_gradients(grads), {}
+
+    with pytest.raises(RuntimeError, match="accumulate: the step did not call state.apply_gradients on micro-batch 0; a step must call it exactly once"):
+        xf.accumulate(no_update, 2)(make_state(), batch())
+    with pytest.raises(RuntimeError, match="accumulate: the step called apply_gradients twice on micro-batch 0"):
+        xf.accumulate(two_updates, 2)(make_state(), batch())
+
+
+# --- splitting ----------------------------------------------------------------------------
+
+
+def test_split_batch_splits_tensors_and_repeats_the_rest():
+    b = {"x": torch.arange(6).reshape(6, 1), "w": torch.tensor(2.0), "name": "abc", "pair": (torch.arange(6), 3)}
+    pieces = split_batch("accumulate", b, 3)
+    assert [p["x"].flatten().tolist() for p in pieces] == [[0, 1], [2, 3], [4, 5]]
+    assert all(p["w"] is b["w"] and p["name"] == "abc" and p["pair"][1] == 3 for p in pieces)
+    assert [p["pair"][0].tolist() for p in pieces] == [[0, 1], [2, 3], [4, 5]]
+
+
+def test_split_batch_errors():
+    with pytest.raises(ValueError, match=r"accumulate: the batch's tensors have different leading sizes \[6, 8\]"):
+        split_batch("accumulate", {"x": torch.zeros(8), "y": torch.zeros(6)}, 2)
+    with pytest.raises(ValueError, match="accumulate: the batch has no tensor with a batch dimension to split into 2 pieces"):
+        split_batch("accumulate", {"n": 3, "w": torch.tensor(1.0)}, 2)
+
+
+@pytest.mark.parametrize(
+    "n, k, bigger, closest",
+    [(30, 4, 32, 5), (7, 2, 8, 1), (10, 4, 12, 5), (9, 4, 12, 3), (1, 3, 3, 1)],
+)
+def test_the_suggested_fixes(n, k, bigger, closest):
+    with pytest.raises(ValueError, match=rf"^accumulate: batch size {n} is not divisible by steps={k}; pass a batch of {bigger} or use steps={closest}$"):
+        split_batch("accumulate", torch.zeros(n, 1), k)
+
+
+# --- metrics ------------------------------------------------------------------------------
+
+
+def test_combine_metrics():
+    parts = [
+        {"mean": xf.Mean(torch.tensor(6.0), 3), "loss": torch.tensor(1.0), "n": torch.tensor(2), "count": 2, "lr": 0.5, "flag": False, "tag": "a"},
+        {"mean": xf.Mean(torch.tensor(4.0), 1), "loss": torch.tensor(3.0), "n": torch.tensor(5), "count": 3, "lr": 1.5, "flag": True, "tag": "b"},
+    ]
+    out = combine_metrics(parts)
+    assert float(out["mean"]) == 2.5 and float(out["mean"].count) == 4
+    assert out["loss"].item() == 2.0 and out["n"].item() == 7 and out["n"].dtype == torch.int64
+    assert (out["count"], out["lr"], out["flag"], out["tag"]) == (5, 1.0, True, "b")
+
+
+def test_token_metric_pools_exactly():
+    full, ref_metrics = token_step(make_state(), token_batch())
+    _, metrics = xf.accumulate(token_step, 4)(make_state(), token_batch())
+    assert int(metrics["loss"].count) == int(ref_metrics["loss"].count) == 8
+    assert float(metrics["loss"]) == pytest.approx(float(ref_metrics["loss"]), rel=1e-6)
+
+
+def test_mixing_plain_and_mean_losses_across_micro_batches_is_refused():
+    def mixed(state, b):
+        def loss_fn(p):
+            total = F.cross_entropy(xf.apply(state, p, b["x"]), b["y"], reduction="sum")
+            return xf.Mean(total, len(b["y"])) if bool(b["mean"][0]) else total / len(b["y"])
+
+        loss, grads = xf.value_and_grad(loss_fn)(state.params)
+        return state.apply_gradients(grads), {}
+
+    b = {**batch(4), "mean": torch.tensor([True, True, False, False])}
+    with pytest.raises(ValueError, match="accumulate: some micro-batches returned a plain loss and others an xf.Mean; return the same kind"):
+        xf.accumulate(mixed, 2)(make_state(), b)
+
+
+def test_grads_must_come_from_value_and_grad():
+    def by_hand(state, b):
+        loss = F.cross_entropy(xf.apply(state, state.params, b["x"]), b["y"])
+        grads = dict(zip(state.params, torch.autograd.grad(loss, list(state.params.values()))))
+        return state.apply_gradients(grads), {}
+
+    assert by_hand(make_state(), batch())[0].step == 1  # fine without a reducing transform
+    with pytest.raises(RuntimeError, match="apply_gradients: no xf.value_and_grad call preceded it inside this transform"):
+        xf.accumulate(by_hand, 2)(make_state(), batch())
