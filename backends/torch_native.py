@@ -31,7 +31,8 @@ import torch.distributed as dist
 
 from xform._primitives import Handler, Reducer, handlers
 from xform._shard import FullyShard, HybridShard, Replicate, TensorParallel, ZeRO
-from xform._state import TrainState, adopt_opt_state, build_optimizer, optimizer_step, placeholder_opt_state
+from xform._optim import adopt_opt_state, build_optimizer, optimizer_step, placeholder_opt_state
+from xform._state import TrainState
 
 __all__ = ["TorchBackend"]
 
@@ -143,6 +144,7 @@ class _Plan:
         self.buckets: list[list[_Entry]] = []
         self.sizes: list[int] = []  # elements per bucket, whole
         self.ssizes: list[int] = []  # elements per bucket and process, sharded layout
+        self.numels: list[list[int]] = []  # elements of each entry, per bucket
         limit = max(1, int(bucket_mb * 2**20))
         group = [e for e in reversed(list(self.entries.values())) if e.sharded or not sharded]
         rest = [e for e in self.entries.values() if sharded and not e.sharded]  # 0-dim: replicated
@@ -173,6 +175,7 @@ class _Plan:
         self.buckets.append(entries)
         self.sizes.append(offset)
         self.ssizes.append(soffset)
+        self.numels.append([e.numel for e in entries])
 
 
 class _Comm:
@@ -187,6 +190,18 @@ class _Comm:
             for size, ssize, sc in zip(plan.sizes, plan.ssizes, self.scattered)
         ]
         self.outs = [torch.empty(ssize, dtype=dtype, device=device) if sc else None for ssize, sc in zip(plan.ssizes, self.scattered)]
+        # The reduced gradients, made once per step: views of the buckets shaped like the
+        # params (all-reduce; the hooks copy into them and hand them to autograd) or like
+        # this process's rows (reduce-scatter).
+        self.grads: dict[str, torch.Tensor] = {}
+        for i, entries in enumerate(plan.buckets):
+            if self.scattered[i]:
+                for e in entries:
+                    n_local = (e.hi - e.lo) * e.rowsize
+                    self.grads[e.name] = self.outs[i][e.soffset : e.soffset + n_local].view(e.local_shape)
+            else:
+                for e, piece in zip(entries, self.bufs[i].split(plan.numels[i])):
+                    self.grads[e.name] = piece.view(e.shape)
         self.filled = [0] * n
         self.works: list[Any] = [None] * n
         self.next = 0
@@ -212,7 +227,7 @@ class _Comm:
                 flat = torch.nn.functional.pad(flat, (0, pad))
             buf.view(w, size)[:, e.soffset : e.soffset + e.chunk].copy_(flat.view(w, e.chunk))
         else:
-            buf[e.offset : e.offset + e.numel].copy_(g.reshape(-1))
+            self.grads[e.name].copy_(g)
         self.seen.add(e.name)
         self.filled[e.bucket] += 1
 
@@ -222,7 +237,7 @@ class _Comm:
         self._launch_ready()
         if self.scattered[e.bucket]:
             return torch.zeros((), dtype=g.dtype, device=g.device).expand(g.shape)  # free the full gradient
-        return self.bufs[e.bucket][e.offset : e.offset + e.numel].view(g.shape)
+        return self.grads[name]
 
     def _launch_ready(self) -> None:
         while self.next < len(self.bufs) and self.filled[self.next] == len(self.plan.buckets[self.next]):
@@ -242,15 +257,7 @@ class _Comm:
         self._launch_ready()
         for w in self.works:
             w.wait()
-        out = {}
-        for k in self.plan.names:
-            e = self.plan.entries[k]
-            if self.scattered[e.bucket]:
-                n = (e.hi - e.lo) * e.rowsize
-                out[k] = self.outs[e.bucket][e.soffset : e.soffset + n].view(e.local_shape)
-            else:
-                out[k] = self.bufs[e.bucket][e.offset : e.offset + e.numel].view(e.shape)
-        return out
+        return {k: self.grads[k] for k in self.plan.names}
 
 
 class _DataParallel:

@@ -105,7 +105,7 @@ def test_load_refuses_another_structure(tmp_path):
 def test_load_refuses_missing_transform_state(tmp_path):
     fp16 = xf.mixed_precision(step, "fp16")
     path = xf.save(trained(fp16, n=1), tmp_path / "c")
-    with pytest.raises(ValueError, match=r"the first path that differs is transforms.mixed_precision.good_steps \(only in the checkpoint\)"):
+    with pytest.raises(ValueError, match=r"the first path that differs is transforms\['mixed_precision'\]\['good_steps'\] \(only in the checkpoint\)"):
         xf.load(path, like=make_state())  # forgot step.init
     assert xf.load(path, like=init(fp16, make_state())).step == 1
 
@@ -119,7 +119,7 @@ def test_load_refuses_another_dtype(tmp_path):
 
 def test_load_refuses_another_optimizer(tmp_path):
     path = xf.save(make_state(), tmp_path / "c")
-    with pytest.raises(ValueError, match=r"opt_state.state\['0.bias'\]"):
+    with pytest.raises(ValueError, match=r"opt_state\['state'\]\['0.bias'\]"):
         xf.load(path, like=make_state(optimizer=torch.optim.SGD, lr=0.1, momentum=0.9))
 
 
@@ -188,10 +188,9 @@ def test_an_interrupted_write_keeps_the_previous_checkpoint(tmp_path, monkeypatc
     assert_states_close(xf.load(path, like=make_state()), old)
 
 
-def test_an_interrupted_rename_keeps_the_previous_checkpoint_as_prev(tmp_path, monkeypatch):
+def test_an_interrupted_rename_puts_the_previous_checkpoint_back(tmp_path, monkeypatch):
     """The new checkpoint's rename into place fails after the old one was moved aside:
-    the old one is intact at ``path.prev`` (as ``xf.save`` documents) and ``xf.load``
-    says where it is."""
+    the old one is put back at ``path``, intact, and nothing else is left behind."""
     old = trained(n=1)
     path = xf.save(old, tmp_path / "c")
     real_rename = os.rename
@@ -206,8 +205,17 @@ def test_an_interrupted_rename_keeps_the_previous_checkpoint_as_prev(tmp_path, m
         xf.save(trained(n=3), path)
     monkeypatch.undo()
     assert leftovers(tmp_path) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+    assert_states_close(xf.load(path, like=make_state()), old)
+
+
+def test_a_lost_checkpoint_names_the_previous_one(tmp_path):
+    """If a crash leaves only ``path.prev`` (between the two renames), ``xf.load`` says where it is."""
+    old = trained(n=1)
+    xf.save(old, tmp_path / "c")
+    os.rename(tmp_path / "c", tmp_path / "c.prev")
     with pytest.raises(FileNotFoundError, match=r"c.prev holds the previous one \(a save was interrupted\); load that path"):
-        xf.load(path, like=make_state())
+        xf.load(tmp_path / "c", like=make_state())
     assert_states_close(xf.load(tmp_path / "c.prev", like=make_state()), old)
 
 

@@ -60,6 +60,6 @@ def test_detach():
 
 def test_mean_is_a_pytree():
     m = xf.Mean(torch.tensor(6.0), 3)
-    assert xf.tree.flatten_with_path({"loss": m})[0][0] == "loss.total"
+    assert xf.tree.flatten_with_path({"loss": m})[0][0] == "loss['total']"
     doubled = xf.tree.map(lambda t: t * 2, m)
     assert isinstance(doubled, xf.Mean) and float(doubled.total) == 12.0 and doubled.count == 6

@@ -28,12 +28,12 @@ def test_flatten_with_path_names_every_leaf():
     assert paths == [
         "step",
         "params['0.bias']", "params['0.weight']", "params['2.bias']", "params['2.weight']",
-        "opt_state.initialized",
-        "opt_state.state['0.bias']['exp_avg']", "opt_state.state['0.bias']['exp_avg_sq']", "opt_state.state['0.bias']['step']",
-        "opt_state.state['0.weight']['exp_avg']", "opt_state.state['0.weight']['exp_avg_sq']", "opt_state.state['0.weight']['step']",
-        "opt_state.state['2.bias']['exp_avg']", "opt_state.state['2.bias']['exp_avg_sq']", "opt_state.state['2.bias']['step']",
-        "opt_state.state['2.weight']['exp_avg']", "opt_state.state['2.weight']['exp_avg_sq']", "opt_state.state['2.weight']['step']",
-        "rng", "data.consumed", "data.seed",
+        "opt_state['initialized']",
+        "opt_state['state']['0.bias']['exp_avg']", "opt_state['state']['0.bias']['exp_avg_sq']", "opt_state['state']['0.bias']['step']",
+        "opt_state['state']['0.weight']['exp_avg']", "opt_state['state']['0.weight']['exp_avg_sq']", "opt_state['state']['0.weight']['step']",
+        "opt_state['state']['2.bias']['exp_avg']", "opt_state['state']['2.bias']['exp_avg_sq']", "opt_state['state']['2.bias']['step']",
+        "opt_state['state']['2.weight']['exp_avg']", "opt_state['state']['2.weight']['exp_avg_sq']", "opt_state['state']['2.weight']['step']",
+        "rng", "data['consumed']", "data['seed']",
     ]
 
 
@@ -69,8 +69,8 @@ def test_path_str():
     from xform.tree import path_str
 
     assert path_str(("params", "fc1.weight")) == "params['fc1.weight']"
-    assert path_str(("opt_state", "state", "0.w", "exp_avg")) == "opt_state.state['0.w']['exp_avg']"
-    assert path_str(("data", "consumed")) == "data.consumed"
+    assert path_str(("opt_state", "state", "0.w", "exp_avg")) == "opt_state['state']['0.w']['exp_avg']"
+    assert path_str(("data", "consumed")) == "data['consumed']"
     assert path_str(("layers", 0, "w")) == "layers[0]['w']"
     assert path_str(()) == ""
 

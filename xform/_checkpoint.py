@@ -27,7 +27,8 @@ from typing import Any
 import optree
 import torch
 
-from xform._state import TrainState, _is_dtensor
+from xform._optim import is_dtensor
+from xform._state import TrainState
 from xform.tree import NAMESPACE, path_str
 
 __all__ = ["save", "load", "CheckpointManager", "PendingSave"]
@@ -119,7 +120,7 @@ def save(state: TrainState, path: str | os.PathLike, *, async_save: bool = False
     path = Path(path)
     paths, leaves, _ = _entries(state)
     rank, world = _dist()
-    distributed = world > 1 or any(_is_dtensor(t) for t in leaves)
+    distributed = world > 1 or any(is_dtensor(t) for t in leaves)
     meta = {"format": _FORMAT, "layout": "dcp" if distributed else "single", "step": state.step, "leaves": []}
     tensors = {}
     for p, leaf in zip(paths, leaves):
@@ -210,7 +211,12 @@ def _swap_into_place(tmp: Path, path: Path) -> None:
         if prev.exists():
             shutil.rmtree(prev)
         os.rename(path, prev)
-    os.rename(tmp, path)
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        if prev.exists() and not path.exists():
+            os.rename(prev, path)  # put the last good checkpoint back
+        raise
     _fsync(path.parent)
     if prev.exists():
         shutil.rmtree(prev)
@@ -265,7 +271,7 @@ def load(path: str | os.PathLike, *, like: TrainState) -> TrainState:
             got = {k: v for k, v in entry.items() if k in ("kind", "dtype", "shape")}
             exp = {k: v for k, v in want.items() if k in ("kind", "dtype", "shape")}
             raise ValueError(f"xf.load: the checkpoint at {path} differs from `like` at {p}: checkpoint {got}, like {exp}")
-    in_place = any(_is_dtensor(t) for t in like.params.values())
+    in_place = any(is_dtensor(t) for t in like.params.values())
     targets = {
         p: (ref.detach() if in_place and p.startswith("params") else _empty_like(ref))
         for p, ref in zip(paths, like_leaves)
@@ -300,7 +306,7 @@ def _read_single(file: Path, targets: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for p, t in targets.items():
             src = tensors[p]
-            if _is_dtensor(t):
+            if is_dtensor(t):
                 from torch.distributed.tensor import distribute_tensor
 
                 src = distribute_tensor(src.to(t.device_mesh.device_type), t.device_mesh, t.placements)

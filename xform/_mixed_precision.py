@@ -16,7 +16,7 @@ from xform import tree
 from xform._mean import Mean
 from xform._primitives import Handler, installed
 from xform._state import TrainState
-from xform._transform import check_step, init_of, wrap
+from xform._transform import check_step, wrap
 
 __all__ = ["Policy", "NoOpLossScale", "StaticLossScale", "DynamicLossScale", "mixed_precision"]
 

@@ -14,7 +14,6 @@ Nesting (outermost first):
 
 from __future__ import annotations
 
-import os
 from typing import Any, Callable, Mapping
 
 import attrs

@@ -46,19 +46,18 @@ def structure(tree: Any) -> optree.PyTreeSpec:
 
 
 def flatten_with_path(tree: Any) -> list[tuple[str, Any]]:
-    """``[(path, leaf), ...]`` with readable paths such as ``"params['fc1.weight']"``."""
+    """``[(path, leaf), ...]`` with paths such as ``"params['fc1.weight']"``."""
     paths, leaves_, _ = optree.tree_flatten_with_path(tree, namespace=NAMESPACE)
     return [(path_str(p), leaf) for p, leaf in zip(paths, leaves_)]
 
 
 def path_str(path: tuple[Any, ...]) -> str:
-    """Renders an optree path tuple as ``a['b'][0]``."""
+    """Renders an optree path as the expression that reaches the leaf from the root:
+    ``params['fc1.weight']``, ``opt_state['state']['0.w']['exp_avg']``."""
     out = ""
     for i, key in enumerate(path):
-        if isinstance(key, str) and key.isidentifier() and i == 0:
-            out += key
-        elif isinstance(key, str) and key.isidentifier() and not out.endswith("]"):
-            out += f".{key}"
+        if i == 0 and isinstance(key, str) and key.isidentifier():
+            out = key
         else:
             out += f"[{key!r}]"
     return out
