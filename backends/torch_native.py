@@ -185,9 +185,12 @@ class _Comm:
         self.plan, self.group, self.scatter = plan, group, scatter
         n = len(plan.buckets)
         self.scattered = [scatter and bool(b) and b[0].sharded for b in plan.buckets]
-        self.bufs = [
-            torch.empty(ssize * plan.world if sc else size, dtype=dtype, device=device)
-            for size, ssize, sc in zip(plan.sizes, plan.ssizes, self.scattered)
+        self.dtype, self.device = dtype, device
+        # Reduce-scatter send buffers are made when their first gradient arrives and let go
+        # once sent, so zero2 holds whole gradients only for the buckets in flight.
+        self.bufs: list[torch.Tensor | None] = [
+            None if sc else torch.empty(size, dtype=dtype, device=device)
+            for size, sc in zip(plan.sizes, self.scattered)
         ]
         self.outs = [torch.empty(ssize, dtype=dtype, device=device) if sc else None for ssize, sc in zip(plan.ssizes, self.scattered)]
         # The reduced gradients, made once per step: views of the buckets shaped like the
@@ -221,6 +224,8 @@ class _Comm:
         buf = self.bufs[e.bucket]
         if self.scattered[e.bucket]:
             w, size = self.plan.world, self.plan.ssizes[e.bucket]
+            if buf is None:
+                buf = self.bufs[e.bucket] = torch.empty(size * w, dtype=self.dtype, device=self.device)
             flat = g.reshape(-1)
             pad = e.chunk * w - e.numel
             if pad:
@@ -240,6 +245,9 @@ class _Comm:
         return self.grads[name]
 
     def _launch_ready(self) -> None:
+        for i in range(self.next):  # drop send buffers whose reduce-scatter is done
+            if self.scattered[i] and self.bufs[i] is not None and self.works[i].is_completed():
+                self.bufs[i] = None
         while self.next < len(self.bufs) and self.filled[self.next] == len(self.plan.buckets[self.next]):
             i = self.next
             if self.scattered[i]:
@@ -257,6 +265,7 @@ class _Comm:
         self._launch_ready()
         for w in self.works:
             w.wait()
+        self.bufs = [None if sc else b for b, sc in zip(self.bufs, self.scattered)]
         return {k: self.grads[k] for k in self.plan.names}
 
 

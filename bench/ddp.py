@@ -1,0 +1,311 @@
+"""Step time of ``xf.shard(step, "replicate")`` against ``torch.nn.parallel.DistributedDataParallel``,
+and the collectives ``xf.shard(xf.accumulate(step, k), strategy)`` issues per micro-batch.
+
+Timing: two processes in one gloo group (``xform._procs.ProcessPool``: spawned, ``file://``
+store, one thread each). The model is an MLP of 2.1M parameters (512-1024-1024-512: 8 MiB
+of fp32 gradients, so communication matters), batch 32 per process, AdamW (foreach), MSE
+loss. Every variant starts from the same weights and sees the same data; inside the same
+processes the variants run in interleaved rounds of ``--steps`` steps (the order reverses
+every round). A round's time is the slower rank's; the table gives medians over rounds and
+the median of the per-round ratios to DDP's default (paired: both ran back to back). The
+machine is shared, so single rounds are noisy: read the medians.
+
+Variants: DDP with its default buckets (25 MB, the first one 1 MB) and with
+``bucket_cap_mb=2``; xform with ``Replicate(bucket_mb=25)`` (its default) and 2. The last
+column is each variant's bucket layout (DDP's as rebuilt after its first step), and
+``max|w-w0|`` the largest difference of its weights from the first variant's after the same
+steps (0: the same math). The last lines pair equal layouts.
+
+Counts: the ``torch.distributed`` collectives (``all_reduce``, ``reduce_scatter_tensor``,
+``all_gather_into_tensor``, ``broadcast``, and ``all_gather_single``/``reduce_scatter_single``
+that FSDP2 calls) are wrapped with counters in each process; the step that ``accumulate``
+wraps reads them before and after each micro-batch. "after" counts the collectives of the
+step issued outside its micro-batches. The second step is counted (the first one also
+creates the optimizer state). DDP is not counted: its reducer calls c10d from C++.
+
+``--dims 64x101`` times a model of 100 small layers instead (200 parameter tensors, 0.4M
+params): there the cost per parameter tensor (xform's Python autograd hooks against DDP's
+C++ reducer) dominates the communication.
+
+Run: ``.venv/bin/python bench/ddp.py`` (``--rounds 20 --steps 10``; ``--dims``,
+``--buckets``, ``--ddp-buckets``, ``--accumulate 4``; ``--no-timing``, ``--no-counts``;
+``--profile`` prints a cProfile of DDP's and xform's steps on rank 0). About a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import statistics
+import time
+import warnings
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import xform as xf
+
+DIMS = (512, 1024, 1024, 512)
+BATCH = 32  # per process
+COLLECTIVES = (
+    "all_reduce", "reduce_scatter_tensor", "all_gather_into_tensor", "broadcast",
+    "all_gather_single", "reduce_scatter_single",
+)
+
+
+def mlp(dims: tuple[int, ...] = DIMS) -> torch.nn.Module:
+    torch.manual_seed(0)
+    layers: list[torch.nn.Module] = []
+    for i, (a, b) in enumerate(zip(dims, dims[1:])):
+        layers += [torch.nn.Linear(a, b)] + ([torch.nn.ReLU()] if i < len(dims) - 2 else [])
+    return torch.nn.Sequential(*layers)
+
+
+def batch_for(rank: int, dims: tuple[int, ...] = DIMS, n: int = BATCH) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + rank)
+    return torch.randn(n, dims[0], generator=g), torch.randn(n, dims[-1], generator=g)
+
+
+def parse_dims(text: str) -> tuple[int, ...]:
+    """``"512,1024,1024,512"``, or ``"64x101"`` for 101 widths of 64 (100 layers)."""
+    if "x" in text:
+        width, count = text.split("x")
+        return (int(width),) * int(count)
+    return tuple(int(d) for d in text.split(","))
+
+
+def xform_step(state, batch):
+    x, y = batch
+
+    def loss_fn(params):
+        return F.mse_loss(xf.apply(state, params, x), y)
+
+    loss, grads = xf.value_and_grad(loss_fn)(state.params)
+    return state.apply_gradients(grads), {"loss": loss}
+
+
+# --- timing ---------------------------------------------------------------------------------
+
+
+def _ddp_runner(bucket_mb: float | None, dims: tuple[int, ...]):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = DDP(mlp(dims), bucket_cap_mb=bucket_mb)  # None: DDP's default, 25 MB with a 1 MB first bucket
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
+
+    def run(batch):
+        x, y = batch
+        opt.zero_grad(set_to_none=True)
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+
+    def layout():  # bucket sizes in MB (DDP rebuilds its buckets after the first step)
+        data = model._get_ddp_logging_data()
+        sizes = str(data.get("rebuilt_bucket_sizes") or data.get("bucket_sizes", ""))  # "2099200, 6299648"
+        return [round(int(b) / 2**20, 2) for b in sizes.replace(",", " ").split()]
+
+    return run, lambda: {k: v.detach() for k, v in model.module.named_parameters()}, layout
+
+
+def _xform_runner(bucket_mb: float, dims: tuple[int, ...]):
+    from xform.backends.torch_native import _Plan
+
+    step = xf.shard(xform_step, xf.Replicate(bucket_mb=bucket_mb))
+    box = [step.init(xf.TrainState.create(mlp(dims), optimizer=torch.optim.AdamW, lr=1e-3))]
+
+    def run(batch):
+        box[0], _ = step(box[0], batch)
+
+    def layout():  # the backend's bucket plan, in MB
+        params = box[0].params
+        plan = _Plan(params, list(params), 0, 2, bucket_mb, False)
+        return [round(n * 4 / 2**20, 2) for n in plan.sizes]
+
+    return run, lambda: {k: v.detach() for k, v in box[0].params.items()}, layout
+
+
+def _timed(run, batch, steps: int) -> float:
+    dist.barrier()
+    start = time.perf_counter()
+    for _ in range(steps):
+        run(batch)
+    return time.perf_counter() - start
+
+
+def _name(kind: str, mb: float | None) -> str:
+    return f"{kind} " + ("default" if mb is None else f"{mb:g} MB")
+
+
+def time_worker(rounds: int, steps: int, warmup: int, variants: list[tuple[str, float | None]], dims) -> dict:
+    batch = batch_for(dist.get_rank(), dims)
+    runners = {_name(kind, mb): (_ddp_runner if kind == "ddp" else _xform_runner)(mb, dims) for kind, mb in variants}
+    for run, _, _ in runners.values():
+        for _ in range(warmup):
+            run(batch)
+    names = list(runners)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for n in names if r % 2 == 0 else names[::-1]:
+            times[n].append(_timed(runners[n][0], batch, steps) / steps)
+    # Same init, same data, same number of steps: the weights should agree to rounding.
+    ref = runners[names[0]][1]()
+    diff = {}
+    for n, (_, weights, _) in runners.items():
+        w = weights()
+        diff[n] = max(float((w[k] - ref[k]).abs().max()) for k in ref)
+    return {"times": times, "diff": diff, "layout": {n: r[2]() for n, r in runners.items()}}
+
+
+def profile_worker(steps: int, kind: str, bucket_mb: float | None, dims) -> str | None:
+    """cProfile of ``steps`` steps on rank 0 (the other rank runs the same steps)."""
+    import cProfile
+    import io
+    import pstats
+
+    batch = batch_for(dist.get_rank(), dims)
+    run = (_ddp_runner if kind == "ddp" else _xform_runner)(bucket_mb, dims)[0]
+    for _ in range(5):
+        run(batch)
+    prof = cProfile.Profile() if dist.get_rank() == 0 else None
+    dist.barrier()
+    if prof:
+        prof.enable()
+    for _ in range(steps):
+        run(batch)
+    if prof is None:
+        return None
+    prof.disable()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(14)
+    return out.getvalue()
+
+
+# --- collective counts ----------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def counting_collectives():
+    """Counts (in the ``collections.Counter`` it yields) the calls of the collectives made
+    through the ``torch.distributed`` module (``dist.all_reduce(...)``), as xform's backend
+    and FSDP2 make them."""
+    calls: collections.Counter[str] = collections.Counter()
+    saved = {name: getattr(dist, name) for name in COLLECTIVES if hasattr(dist, name)}
+    for name, fn in saved.items():
+
+        def counted(*args, __fn=fn, __name=name, **kwargs):
+            calls[__name] += 1
+            return __fn(*args, **kwargs)
+
+        setattr(dist, name, counted)
+    try:
+        yield calls
+    finally:
+        for name, fn in saved.items():
+            setattr(dist, name, fn)
+
+
+def count_worker(strategy: str, k: int) -> dict:
+    # torch 2.13 deprecates the *_tensor collectives the zero1/zero2 code calls; counted all the same
+    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed\..*_single`")
+    with counting_collectives() as calls:
+        micro: list[collections.Counter[str]] = []
+
+        def counted_step(state, batch):
+            before = calls.copy()
+            out = xform_step(state, batch)
+            micro.append(calls - before)
+            return out
+
+        step = xf.shard(xf.accumulate(counted_step, k), strategy)
+        state = step.init(xf.TrainState.create(mlp(), optimizer=torch.optim.AdamW, lr=1e-3))
+        batch = batch_for(dist.get_rank(), DIMS, BATCH * k)
+        state, _ = step(state, batch)  # the first step also creates the optimizer state
+        micro.clear()
+        before = calls.copy()
+        state, _ = step(state, batch)
+        total = calls - before
+    after = total - sum(micro, collections.Counter())
+    return {"micro": [dict(c) for c in micro], "after": dict(after)}
+
+
+def _fmt(c: dict[str, int]) -> str:
+    n = sum(c.values())
+    return f"{n}" + (" (" + ", ".join(f"{v} {k}" for k, v in sorted(c.items())) + ")" if n else "")
+
+
+def _mb(text: str) -> float | None:
+    return None if text == "default" else float(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=20, help="interleaved rounds (median over them)")
+    parser.add_argument("--steps", type=int, default=10, help="steps per round and variant")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument(
+        "--dims", default=",".join(map(str, DIMS)),
+        help="MLP widths for the timing, or WxN for N widths of W: 64x101 (200 small tensors) shows per-parameter costs",
+    )
+    parser.add_argument("--ddp-buckets", default="default,2", help="DDP bucket_cap_mb values ('default': DDP's own)")
+    parser.add_argument("--buckets", default="25,2", help="xform Replicate(bucket_mb=...) values")
+    parser.add_argument("--accumulate", type=int, default=4, help="k for the collective counts")
+    parser.add_argument("--no-timing", action="store_true")
+    parser.add_argument("--no-counts", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="cProfile DDP's and xform's steps on rank 0")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    from xform._procs import ProcessPool
+
+    dims = parse_dims(args.dims)
+    n_params = sum(p.numel() for p in mlp(dims).parameters())
+    with ProcessPool(2, timeout_s=600) as pool:
+        if not args.no_timing:
+            variants = [("ddp", _mb(b)) for b in args.ddp_buckets.split(",")]
+            variants += [("xform", _mb(b)) for b in args.buckets.split(",")]
+            print(
+                f"MLP {args.dims} ({n_params / 1e6:.2f}M params in {2 * (len(dims) - 1)} tensors, "
+                f"{n_params * 4 / 2**20:.1f} MiB of fp32 grads), "
+                f"batch {BATCH}/process, AdamW foreach, 2 gloo processes x 1 thread"
+            )
+            print(f"{args.rounds} interleaved rounds x {args.steps} steps; medians of per-round ms/step (slower rank)")
+            res = pool.run(time_worker, args.rounds, args.steps, args.warmup, variants, dims)
+            names = list(res[0]["times"])
+            per_round = {n: [max(r["times"][n][i] for r in res) for i in range(args.rounds)] for n in names}
+            ref = names[0]
+            base = statistics.median(per_round[ref])
+            print(f"{'variant':18s} {'median ms':>9s} {'min ms':>7s} {'/' + ref:>12s} {'paired':>7s}  {'max|w-w0|':>9s}  buckets (MB)")
+            for n in names:
+                med = statistics.median(per_round[n])
+                paired = statistics.median(a / b for a, b in zip(per_round[n], per_round[ref]))
+                print(
+                    f"{n:18s} {med * 1e3:9.2f} {min(per_round[n]) * 1e3:7.2f} {med / base:12.3f} {paired:7.3f}  "
+                    f"{res[0]['diff'][n]:9.1e}  {res[0]['layout'][n]}"
+                )
+            pairs = [("defaults", "ddp default", "xform 25 MB")]  # xform's default: Replicate(bucket_mb=25)
+            pairs += [("same bucket size", d, "xform" + d[3:]) for d in names if d.startswith("ddp") and d != "ddp default"]
+            for what, d, x in pairs:
+                if d in per_round and x in per_round:
+                    ratio = statistics.median(per_round[x]) / statistics.median(per_round[d])
+                    paired = statistics.median(a / b for a, b in zip(per_round[x], per_round[d]))
+                    print(f"{what}: {x} / {d} = {ratio:.3f} (median of the paired per-round ratios {paired:.3f})")
+        if args.profile:
+            for kind, mb in (("ddp", None), ("xform", 25.0)):
+                print(f"--- cProfile, rank 0, 50 steps of {_name(kind, mb)}")
+                print(pool.run(profile_worker, 50, kind, mb, dims)[0])
+        if not args.no_counts:
+            k = args.accumulate
+            print(f"\ncollectives per micro-batch of xf.shard(xf.accumulate(step, {k}), strategy), 2 processes, 2nd step, rank 0:")
+            for strategy in ("replicate", "zero1", "zero2", "zero3"):
+                per_rank = pool.run(count_worker, strategy, k)
+                r = per_rank[0]
+                if any(other != r for other in per_rank):
+                    print(f"  (the ranks differ: {per_rank})")
+                cells = "  ".join(f"mb{i}: {_fmt(c)}" for i, c in enumerate(r["micro"]))
+                print(f"{strategy:9s} {cells}  after: {_fmt(r['after'])}")
+
+
+if __name__ == "__main__":
+    main()
