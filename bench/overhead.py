@@ -2,7 +2,9 @@
 
 Tiny MLP (3 layers of 32), batch 8, AdamW (foreach), one thread. Each variant runs
 side by side with its hand-written twin, interleaved in rounds; the medians of the
-per-round times give the ratio. Also: ``import xform`` time minus ``import torch``.
+per-round times give the ratio. The twin computes what the xform step returns: the
+update and the batch's loss (averaged over micro-batches). Also: ``import xform`` time
+minus ``import torch``.
 
 Run: ``.venv/bin/python bench/overhead.py`` (``--rounds 30 --steps 200``).
 """
@@ -39,14 +41,18 @@ def hand_loop(micro: int, dtype: torch.dtype | None):
     def run(batch):
         x, y = batch
         opt.zero_grad(set_to_none=True)
+        total = None
         for xs, ys in zip(x.chunk(micro), y.chunk(micro)):
             if dtype is None:
                 out = model(xs)
             else:
                 with torch.autocast("cpu", dtype=dtype):
                     out = model(xs)
-            (F.mse_loss(out.float(), ys) / micro).backward()
+            loss = F.mse_loss(out.float(), ys)
+            (loss / micro).backward()
+            total = loss.detach() if total is None else total + loss.detach()
         opt.step()
+        return total / micro if micro > 1 else total  # the loss a training loop logs, as xform's metrics
 
     return run
 

@@ -16,7 +16,7 @@ import torch
 
 from xform import tree
 from xform._mean import Mean
-from xform._primitives import Reducer, handlers, installed, rng_salt
+from xform._primitives import Reducer, handlers, installed, rng_guard, rng_salt
 from xform._state import TrainState
 from xform._transform import check_step, wrap
 
@@ -130,7 +130,7 @@ def accumulate(step: Callable[..., Any], steps: int):
         micro_batches = split_batch("accumulate", batch, steps)
         handler = _Handler(steps)
         metrics = []
-        with installed(handler):
+        with installed(handler), rng_guard(state._spec.device):
             for i, micro_batch in enumerate(micro_batches):
                 handler.micro, handler.calls = i, 0
                 with rng_salt(i):
@@ -152,6 +152,9 @@ def accumulate(step: Callable[..., Any], steps: int):
 
 def split_batch(api: str, batch: Any, k: int) -> list[Any]:
     """Splits every tensor leaf of ``batch`` into ``k`` equal pieces along dim 0."""
+    fast = _split_flat(batch, k)
+    if fast is not None:
+        return fast
     leaves, spec = optree.tree_flatten(batch, namespace=tree.NAMESPACE)
     sizes = {t.shape[0] for t in leaves if isinstance(t, torch.Tensor) and t.dim() > 0}
     if not sizes:
@@ -176,6 +179,24 @@ def split_batch(api: str, batch: Any, k: int) -> list[Any]:
     return [optree.tree_unflatten(spec, [p[i] for p in pieces]) for i in range(k)]
 
 
+def _split_flat(batch: Any, k: int) -> list[Any] | None:
+    """The common batch, a dict, tuple or list of tensors of one divisible size, split
+    without the pytree machinery; None for anything else (the general path)."""
+    if type(batch) not in (dict, tuple, list) or not batch:
+        return None
+    tensors = list(batch.values()) if type(batch) is dict else list(batch)
+    if not all(type(t) is torch.Tensor and t.dim() > 0 for t in tensors):
+        return None
+    n = tensors[0].shape[0]
+    if n % k or any(t.shape[0] != n for t in tensors):
+        return None
+    pieces = [t.split(n // k) for t in tensors]
+    if type(batch) is dict:
+        keys = list(batch)
+        return [dict(zip(keys, [p[i] for p in pieces])) for i in range(k)]
+    return [type(batch)([p[i] for p in pieces]) for i in range(k)]
+
+
 def combine_metrics(metrics: list[Any]) -> Any:
     """Pools per-piece metrics: Mean pooled, floats averaged, integers summed."""
 
@@ -187,8 +208,10 @@ def combine_metrics(metrics: list[Any]) -> Any:
                 out = out + m
             return out
         if isinstance(x, torch.Tensor):
-            stacked = torch.stack([t.detach() for t in xs])
-            return stacked.mean(0) if x.is_floating_point() or x.is_complex() else stacked.sum(0)
+            total = xs[0].detach()
+            for t in xs[1:]:
+                total = total + t.detach()
+            return total / len(xs) if x.is_floating_point() or x.is_complex() else total
         if isinstance(x, bool):
             return xs[-1]
         if isinstance(x, int):
@@ -197,6 +220,13 @@ def combine_metrics(metrics: list[Any]) -> Any:
             return sum(xs) / len(xs)
         return xs[-1]
 
+    first = metrics[0]
+    if (
+        type(first) is dict
+        and all(type(v) is torch.Tensor or type(v) is Mean for v in first.values())
+        and all(type(m) is dict and m.keys() == first.keys() for m in metrics)
+    ):
+        return {key: combine(*(m[key] for m in metrics)) for key in first}  # the common case, directly
     return optree.tree_map(
-        combine, metrics[0], *metrics[1:], is_leaf=lambda x: isinstance(x, Mean), namespace=tree.NAMESPACE
+        combine, first, *metrics[1:], is_leaf=lambda x: isinstance(x, Mean), namespace=tree.NAMESPACE
     )

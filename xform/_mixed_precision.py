@@ -87,6 +87,8 @@ class Policy:
 
 
 def _cast_floats(x: Any, dtype: torch.dtype) -> Any:
+    if type(x) is torch.Tensor:  # the common case, without the pytree machinery
+        return x.to(dtype) if x.is_floating_point() and x.dtype != dtype else x
     return tree.map(
         lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != dtype else t, x
     )

@@ -35,7 +35,7 @@ from xform._mean import Mean
 if TYPE_CHECKING:
     from xform._state import TrainState
 
-__all__ = ["Handler", "Reducer", "apply", "value_and_grad", "installed", "dispatch", "rng_salt"]
+__all__ = ["Handler", "Reducer", "apply", "value_and_grad", "installed", "dispatch", "rng_salt", "rng_guard"]
 
 
 class Handler:
@@ -149,13 +149,25 @@ def dispatch(name: str, base: Callable[..., Any], *args: Any) -> Any:
     methods = _HANDLERS.get().for_primitive(name)
     if not methods:
         return base(*args)
+    return _Next(methods, len(methods) - 1, base)(*args)
 
-    def call(i: int, *a: Any) -> Any:
+
+class _Next:
+    """``next`` for the handler at ``i``: the handler outside it, or the base.
+
+    A small object rather than a recursive closure, which would be a reference cycle
+    holding the primitive's arguments (tensors) until the garbage collector ran."""
+
+    __slots__ = ("methods", "i", "base")
+
+    def __init__(self, methods: list[Callable[..., Any]], i: int, base: Callable[..., Any]):
+        self.methods, self.i, self.base = methods, i, base
+
+    def __call__(self, *args: Any) -> Any:
+        i = self.i
         if i < 0:
-            return base(*a)
-        return methods[i](*a, lambda *b: call(i - 1, *b))
-
-    return call(len(methods) - 1, *args)
+            return self.base(*args)
+        return self.methods[i](*args, _Next(self.methods, i - 1, self.base))
 
 
 # --- randomness -------------------------------------------------------------------------
@@ -166,11 +178,12 @@ def dispatch(name: str, base: Callable[..., Any], *args: Any) -> Any:
 
 
 class _RngFrame:
-    __slots__ = ("salt", "calls")
+    __slots__ = ("salt", "calls", "guarded")
 
-    def __init__(self, salt: tuple[int, ...]):
+    def __init__(self, salt: tuple[int, ...], guarded: bool):
         self.salt = salt
         self.calls = 0
+        self.guarded = guarded  # an enclosing rng_guard restores the global generator
 
 
 _RNG: contextvars.ContextVar[_RngFrame | None] = contextvars.ContextVar("xform_rng", default=None)
@@ -186,10 +199,30 @@ class rng_salt:
 
     def __enter__(self) -> None:
         outer = _RNG.get()
-        self.token = _RNG.set(_RngFrame(outer.salt + self.salt if outer else self.salt))
+        frame = _RngFrame(outer.salt + self.salt, outer.guarded) if outer else _RngFrame(self.salt, False)
+        self.token = _RNG.set(frame)
 
     def __exit__(self, *exc: Any) -> None:
         _RNG.reset(self.token)
+
+
+class rng_guard:
+    """Saves the global generator of ``device`` once and restores it on exit, so that the
+    ``apply`` calls inside (all of a step's micro-batches) only seed it."""
+
+    __slots__ = ("gen", "saved", "token")
+
+    def __init__(self, device: torch.device):
+        self.gen = _generator_for(device)
+
+    def __enter__(self) -> None:
+        self.saved = self.gen.get_state()
+        outer = _RNG.get()
+        self.token = _RNG.set(_RngFrame(outer.salt if outer else (), True))
+
+    def __exit__(self, *exc: Any) -> None:
+        _RNG.reset(self.token)
+        self.gen.set_state(self.saved)
 
 
 def _next_seed(state: "TrainState") -> int:
@@ -236,7 +269,8 @@ def apply(state: "TrainState", params: dict[str, torch.Tensor], *args: Any, **kw
 def _apply_base(state: "TrainState", params, args, kwargs):
     rt = state._runtime("xf.apply")
     gen = _generator_for(rt.device)
-    saved = gen.get_state()
+    frame = _RNG.get()
+    saved = None if frame is not None and frame.guarded else gen.get_state()
     gen.manual_seed(_next_seed(state))
     try:
         if params is state.params:
@@ -244,7 +278,8 @@ def _apply_base(state: "TrainState", params, args, kwargs):
             return rt.module(*args, **kwargs)
         return torch.func.functional_call(rt.module, {**state.buffers, **params}, args, kwargs, strict=False)
     finally:
-        gen.set_state(saved)
+        if saved is not None:
+            gen.set_state(saved)
 
 
 # --- value_and_grad ---------------------------------------------------------------------
