@@ -9,6 +9,7 @@ from xform import distributed, tree
 from xform._accumulate import accumulate
 from xform._batch_size import find_executable_batch_size
 from xform._checkpoint import CheckpointManager, load, save
+from xform._configure import configure, launch_config
 from xform._data import DataLoader
 from xform._mean import Mean
 from xform._memory import MemoryEstimate, estimate_memory, measure_activations
@@ -61,9 +62,11 @@ __all__ = [
     "ZeRO",
     "accumulate",
     "apply",
+    "configure",
     "distributed",
     "estimate_memory",
     "find_executable_batch_size",
+    "launch_config",
     "load",
     "make_tracker",
     "measure_activations",
