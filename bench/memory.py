@@ -80,12 +80,13 @@ def measure_worker(strategy: str) -> dict[str, int]:
     # torch 2.13 deprecates the *_tensor collectives the zero1/zero2 code calls; not ours to measure here
     warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed\..*_single`")
     seen: list[tuple[int, int]] = []
-    buffers: list[int] = []  # bytes of the flat communication buffers of each step (replicate/zero1/zero2)
-    comm_init = torch_native._Comm.__init__
+    peaks: dict[int, int] = {}  # per step's _Comm: peak bytes of its flat buffers (replicate/zero1/zero2)
+    launch = torch_native._Comm._launch_ready
 
-    def recording_init(comm, *args, **kwargs):
-        comm_init(comm, *args, **kwargs)
-        buffers.append(sum(_bytes(b) for b in comm.bufs + [o for o in comm.outs if o is not None]))
+    def recording_launch(comm, *args, **kwargs):
+        launch(comm, *args, **kwargs)  # called as each gradient arrives: the buffers alive now
+        alive = sum(_bytes(b) for b in comm.bufs + comm.outs if b is not None)
+        peaks[id(comm)] = max(alive, peaks.get(id(comm), 0))
 
     def step(state, batch):
         x, y = batch
@@ -103,12 +104,12 @@ def measure_worker(strategy: str) -> dict[str, int]:
     state = sharded.init(xf.TrainState.create(mlp(), optimizer=torch.optim.AdamW, lr=1e-3))
     g = torch.Generator().manual_seed(dist.get_rank())
     batch = (torch.randn(BATCH, DIMS[0], generator=g), torch.randn(BATCH, DIMS[-1], generator=g))
-    torch_native._Comm.__init__ = recording_init
+    torch_native._Comm._launch_ready = recording_launch
     try:
         for _ in range(2):  # the first step creates the optimizer state
             state, _ = sharded(state, batch)
     finally:
-        torch_native._Comm.__init__ = comm_init
+        torch_native._Comm._launch_ready = launch
     opt = counters = 0
     for entry in state.opt_state["state"].values():
         for v in entry.values():
@@ -122,7 +123,7 @@ def measure_worker(strategy: str) -> dict[str, int]:
         "grad_storage": seen[-1][1],
         "opt": opt,
         "counters": counters,
-        "buffers": buffers[-1] if buffers else -1,
+        "buffers": list(peaks.values())[-1] if peaks else -1,
     }
 
 
