@@ -90,7 +90,7 @@ def test_two_processes_with_settings_from_the_config_file(runs):
     assert all(r["args"] == ["--lr", "0.1", "--nproc", "9"] for r in got)
     assert all(r["backend"] == "gloo" and r["timeout"] == 90.0 and r["precision"] == "bf16" for r in got)
     err = run.stderr
-    assert "xform launch: settings (defaults < config file < flags):" in err
+    assert "xform launch: settings, for xf.configure / xf.launch_config in the script (defaults < config file < flags):" in err
     assert err.count("xform launch: settings") == 1, "only the launcher prints the settings"
     assert "nproc_per_node      2             (config file " in err
     assert "precision           bf16          (config file " in err

@@ -175,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _print_settings(config: Any, sources: Any, args: argparse.Namespace, argv: list[str]) -> None:
     err = sys.stderr
-    print("xform launch: settings (defaults < config file < flags):", file=err)
+    print("xform launch: settings, for xf.configure / xf.launch_config in the script (defaults < config file < flags):", file=err)
     print(format_config(config, sources), file=err)
     timeout = f"{args.timeout:g} s" if args.timeout is not None else "default (xf.distributed.initialize)"
     print(f"  {'max_restarts':<20}{args.max_restarts}", file=err)
