@@ -7,7 +7,7 @@ import torch
 
 import xform as xf
 
-from _util import mlp, step
+from _util import make_state, mlp, step
 
 
 def at(state, consumed):
@@ -196,3 +196,26 @@ def test_iterate_needs_a_state():
 def test_repr():
     loader = xf.DataLoader(torch.arange(10), batch_size=4, drop_last=True)
     assert repr(loader) == "DataLoader(Tensor[10], batch_size=4, world_size=1, shuffle=True, drop_last=True)"
+
+
+def test_loading_in_the_main_process_leaves_the_global_random_streams_alone():
+    import random
+
+    class Noisy(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            return torch.rand(()) + random.random()
+
+    state = make_state()
+    loader = xf.DataLoader(Noisy(), batch_size=4, shuffle=True)
+    torch.manual_seed(123)
+    random.seed(123)
+    expected = (torch.rand(3), random.random())
+    torch.manual_seed(123)
+    random.seed(123)
+    first = [b.clone() for b in loader.iterate(state)]
+    assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]
+    again = [b.clone() for b in loader.iterate(state)]  # augmentations depend on the batch alone
+    assert all(torch.equal(a, b) for a, b in zip(first, again))

@@ -40,12 +40,32 @@ class _SeededFetch(torch.utils.data.Dataset):
         return self.dataset[i]
 
     def __getitems__(self, batch: _Batch) -> list[Any]:
-        torch.manual_seed(batch.seed)
-        random.seed(batch.seed)
-        if "numpy" in sys.modules:
-            sys.modules["numpy"].random.seed(batch.seed % 2**32)
+        if torch.utils.data.get_worker_info() is not None:  # a worker process: its streams are its own
+            _seed_streams(batch.seed)
+            return self._fetch(batch)
+        # The main process (num_workers=0): seed for the fetch, then give the user's
+        # streams back, so that loading a batch leaves the process's randomness untouched.
+        np = sys.modules.get("numpy")
+        saved = (torch.default_generator.get_state(), random.getstate(), np.random.get_state() if np else None)
+        _seed_streams(batch.seed)
+        try:
+            return self._fetch(batch)
+        finally:
+            torch.default_generator.set_state(saved[0])
+            random.setstate(saved[1])
+            if np is not None:
+                np.random.set_state(saved[2])
+
+    def _fetch(self, batch: _Batch) -> list[Any]:
         getitems = getattr(self.dataset, "__getitems__", None)
         return getitems(list(batch)) if getitems else [self.dataset[i] for i in batch]
+
+
+def _seed_streams(seed: int) -> None:
+    torch.default_generator.manual_seed(seed)
+    random.seed(seed)
+    if "numpy" in sys.modules:
+        sys.modules["numpy"].random.seed(seed % 2**32)
 
 
 class DataLoader:
@@ -93,9 +113,10 @@ class DataLoader:
             ``TrainState.create``).
         drop_last: drop the last, incomplete global batch.
         num_workers, collate_fn, pin_memory: as in ``torch.utils.data.DataLoader``.
-            Each batch is fetched with the worker's random streams (torch, ``random``,
-            numpy) seeded from (seed, epoch, batch, rank), so random augmentations
-            resume exactly too.
+            Each batch is fetched with the random streams (torch, ``random``, numpy)
+            seeded from (seed, epoch, batch, rank), so random augmentations resume
+            exactly too; in the main process (``num_workers=0``) the streams are given
+            back afterwards, so loading leaves the process's own randomness untouched.
         rank, world_size: this process's slice; by default ``xf.distributed.rank()`` and
             ``xf.distributed.world_size()`` (0 and 1 without a process group).
 
@@ -257,11 +278,9 @@ class DataLoader:
         batches = [self._slice(order, b) for b in range(start, len(self))]
         if not batches:
             return
-        dataset = self.dataset
-        if self.num_workers:
-            dataset = _SeededFetch(dataset)
-            for b, batch in enumerate(batches, start):
-                batch.seed = _mix(seed, epoch, b, self.rank)
+        dataset = _SeededFetch(self.dataset)
+        for b, batch in enumerate(batches, start):
+            batch.seed = _mix(seed, epoch, b, self.rank)
         loader = torch.utils.data.DataLoader(
             dataset,
             batch_sampler=batches,
