@@ -232,8 +232,9 @@ class TrainState:
     # --- leaves, checked for donation ---------------------------------------------------
 
     def _alive(self, api: str) -> None:
-        if self._life.donated_by is not None:
-            raise DonatedStateError(_DONATED.format(api=api, by=self._life.donated_by))
+        by = self._life.tensors.consumed_by
+        if by is not None:
+            raise DonatedStateError(_DONATED.format(api=api, by=by))
 
     @property
     def step(self) -> int:
