@@ -37,6 +37,17 @@ from xform._state import TrainState
 __all__ = ["TorchBackend"]
 
 
+
+# torch 2.13 renamed the flat-tensor collectives (the old names warn); older torch has only
+# the old ones. Looked up at each call, so that tools counting collectives see them.
+def _all_gather(*args: Any, **kwargs: Any) -> Any:
+    return (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(*args, **kwargs)
+
+
+def _reduce_scatter(*args: Any, **kwargs: Any) -> Any:
+    return (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(*args, **kwargs)
+
+
 class TorchBackend:
     name = "torch"
 
@@ -251,7 +262,7 @@ class _Comm:
         while self.next < len(self.bufs) and self.filled[self.next] == len(self.plan.buckets[self.next]):
             i = self.next
             if self.scattered[i]:
-                self.works[i] = dist.reduce_scatter_tensor(self.outs[i], self.bufs[i], group=self.group, async_op=True)
+                self.works[i] = _reduce_scatter(self.outs[i], self.bufs[i], group=self.group, async_op=True)
             else:
                 self.works[i] = dist.all_reduce(self.bufs[i], group=self.group, async_op=True)
             self.next += 1
@@ -422,7 +433,7 @@ def _all_gather_params(plan: _Plan, params: dict[str, torch.Tensor], group: Any)
                 n = (e.hi - e.lo) * e.rowsize
                 mine[e.soffset : e.soffset + n].copy_(params[e.name].detach().reshape(-1)[e.lo * e.rowsize : e.hi * e.rowsize])
             out = torch.empty(size * w, dtype=p0.dtype, device=p0.device)
-            dist.all_gather_into_tensor(out, mine, group=group)
+            _all_gather(out, mine, group=group)
             grid = out.view(w, size)
             for e in entries:
                 full = grid[:, e.soffset : e.soffset + e.chunk].reshape(-1)[: e.numel]

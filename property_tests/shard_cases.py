@@ -107,7 +107,9 @@ def count_collectives(case: dict[str, Any]) -> list[int]:
     import torch.distributed as d
 
     counter = [0]
-    names = ["all_reduce", "reduce_scatter_tensor", "all_gather_into_tensor", "broadcast", "all_gather"]
+    names = ["all_reduce", "reduce_scatter_tensor", "all_gather_into_tensor", "broadcast", "all_gather",
+             "all_gather_single", "reduce_scatter_single"]
+    names = [n for n in names if hasattr(d, n)]
     originals = {n: getattr(d, n) for n in names}
 
     def counting(fn):
