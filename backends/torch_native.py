@@ -583,6 +583,19 @@ class _TensorParallel:
                     plan[name] = styles[style]()
         if not plan:
             raise ValueError(f"shard(tp): the plan {dict(s.plan)} matches no module of {type(state.module).__name__}")
+        size = self.mesh[s.axis].size()
+        modules = dict(state.module.named_modules())
+        for name, style in plan.items():
+            weight = getattr(modules[name], "weight", None)
+            dim = 0 if isinstance(style, ColwiseParallel) else 1
+            if weight is None or weight.dim() < 2 - dim:
+                raise ValueError(f"shard(tp): module {name!r} has no weight to split; plan only Linear-like modules")
+            if weight.shape[dim] % size:
+                kind = "output features" if dim == 0 else "input features"
+                raise ValueError(
+                    f"shard(tp): {name!r} has {weight.shape[dim]} {kind}, which the {size} processes of mesh axis "
+                    f"{s.axis!r} cannot split evenly; make it a multiple of {size} or leave {name!r} out of the plan"
+                )
         parallelize_module(state.module, self.mesh[s.axis], plan)
         if s.data_parallel == "fsdp":
             _fully_shard_units(state.module, self.mesh[s.dp_axis], FullyShard(), self.policy)

@@ -106,3 +106,8 @@ def async_save_then_train(strategy: str | None, path: str):
     _, fresh = make(strategy)
     loaded = xf.load(path, like=fresh)
     return at_save, {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone() for k, v in loaded.params.items()}
+
+
+def tp_uneven_split():
+    s = xf.shard(step, xf.TensorParallel(plan={"0": "colwise", "2": "rowwise"}), mesh=xf.mesh(dp=1, tp=2))
+    s.init(xf.TrainState.create(model(), optimizer=torch.optim.SGD, lr=0.1))  # hidden width 7

@@ -58,6 +58,7 @@ def test_a_sharded_checkpoint_is_written_once_atomically(pool2, tmp_path):
     [
         ("hsdp_without_mesh", "needs a mesh with axes 'replicate' and 'shard'"),
         ("tp_plan_matches_nothing", "matches no module"),
+        ("tp_uneven_split", "'0' has 7 output features, which the 2 processes of mesh axis 'tp' cannot split evenly"),
         ("mesh_of_wrong_size", "hold 3 processes but the world has 2"),
         ("init_after_training", "before training"),
         ("apply_with_other_params_under_zero3", "xf.apply must be given the params"),
