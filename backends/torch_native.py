@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from xform._primitives import Handler, Reducer, handlers
 from xform._shard import FullyShard, HybridShard, Replicate, TensorParallel, ZeRO
-from xform._optim import adopt_opt_state, build_optimizer, optimizer_step, placeholder_opt_state
+from xform._optim import adopt_opt_state, build_optimizer, local_part, optimizer_step, placeholder_opt_state
 from xform._state import TrainState
 
 __all__ = ["TorchBackend"]
@@ -91,7 +91,7 @@ def _broadcast_state(state: TrainState, group: Any, src_rank_in_group: int = 0) 
     src = dist.get_global_rank(group, src_rank_in_group) if group is not dist.group.WORLD else src_rank_in_group
     with torch.no_grad():
         for t in list(state.params.values()) + list(state.buffers.values()):
-            dist.broadcast(t.data if not hasattr(t, "to_local") else t.to_local(), src=src, group=group)
+            dist.broadcast(local_part(t.detach()), src=src, group=group)
 
 
 def _global_count(count: Any, group: Any, world: int, device: torch.device) -> Any:
@@ -323,13 +323,9 @@ def _shard_opt_state(state: TrainState, plan: _Plan, mesh: Any) -> TrainState:
     from torch.distributed.tensor import DTensor, Shard
     from torch.distributed.device_mesh import init_device_mesh
 
-    if state.opt_state["initialized"]:
-        raise ValueError(
-            "shard: lay the state out with step.init(state) before training; this state's optimizer "
-            "state is already initialized"
-        )
+    _check_fresh(state)
     if mesh is None:
-        mesh = init_device_mesh("cuda" if dist.get_backend() == "nccl" else "cpu", (plan.world,))
+        mesh = init_device_mesh(_device_type(), (plan.world,))
     names = state._spec.trainable
     local = {k: plan.entries[k].local(state.params[k].detach()) for k in names}
     placeholders = placeholder_opt_state(state._spec.optimizer, local, names)
@@ -374,17 +370,12 @@ class _DataParallelHandler(Reducer):
         count = self.take_count(count)
         if not self.reduced:  # gradients that did not come from value_and_grad's hooks
             grads = self._comm(state.params).finish(grads)
-        device = next_device(grads)
-        return next(state, grads, _global_count(count, self.group, self.pieces, device))
+        return next(state, grads, _global_count(count, self.group, self.pieces, state._spec.device))
 
     def update(self, state: TrainState, grads, next):
         if not self.layout.sharded:
             return next(state, grads)
         return _zero_update(self.layout, state, grads, self.group)
-
-
-def next_device(grads: dict[str, torch.Tensor]) -> torch.device:
-    return next(iter(grads.values())).device
 
 
 def _zero_update(layout: _DataParallel, state: TrainState, grads: dict[str, torch.Tensor], group: Any) -> TrainState:
@@ -397,27 +388,31 @@ def _zero_update(layout: _DataParallel, state: TrainState, grads: dict[str, torc
     if cache is None:
         views = [plan.entries[k].local(state.params[k].detach()) for k in names]
         local_state = {"initialized": opt_state["initialized"], "state": {
-            k: {kk: _local(v) for kk, v in opt_state["state"][k].items()} for k in names}}
+            k: {kk: local_part(v) for kk, v in opt_state["state"][k].items()} for k in names}}
         cache = rt.extras[key] = (views, build_optimizer(state._spec.optimizer, names, views, local_state))
     views, optimizer = cache
     local_grads = [grads[k] if layout.scatter and plan.entries[k].sharded else plan.entries[k].local(grads[k]) for k in names]
 
     def total_norm(gs: list[torch.Tensor]) -> torch.Tensor:
+        """The whole gradient's norm: this process's rows summed over the group, plus the
+        replicated (0-dim) params once."""
         owned = [g for g, k in zip(gs, names) if plan.entries[k].sharded]
         shared = [g for g, k in zip(gs, names) if not plan.entries[k].sharded]
-        sq = torch.zeros((), dtype=torch.float64, device=gs[0].device)
-        for g in owned:
-            sq += g.double().square().sum()
+        sq = _square_sum(owned, gs[0].device)
         dist.all_reduce(sq, group=group)
-        for g in shared:
-            sq += g.double().square().sum()
-        return sq.sqrt().to(gs[0].dtype)
+        return (sq + _square_sum(shared, gs[0].device)).sqrt().to(gs[0].dtype)
 
     optimizer_step(state, optimizer, views, local_grads, total_norm=total_norm)
     _all_gather_params(plan, state.params, group)
     if not opt_state["initialized"]:
         opt_state = {"initialized": True, "state": adopt_opt_state(optimizer, names, views, opt_state)}
     return state.successor(updated=True, opt_state=opt_state)
+
+
+def _square_sum(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    if not tensors:
+        return torch.zeros((), dtype=torch.float64, device=device)
+    return torch.stack(torch._foreach_norm(tensors)).double().square().sum()
 
 
 def _all_gather_params(plan: _Plan, params: dict[str, torch.Tensor], group: Any) -> None:
@@ -438,10 +433,6 @@ def _all_gather_params(plan: _Plan, params: dict[str, torch.Tensor], group: Any)
             for e in entries:
                 full = grid[:, e.soffset : e.soffset + e.chunk].reshape(-1)[: e.numel]
                 params[e.name].detach().view(-1).copy_(full)
-
-
-def _local(t: Any) -> Any:
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 # --- zero3 / fsdp, hsdp: FSDP2 ----------------------------------------------------------------

@@ -7,7 +7,7 @@ import torch
 
 import xform as xf
 
-from _util import make_state, mlp, step
+from _util import mlp, step
 
 
 def at(state, consumed):

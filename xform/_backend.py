@@ -30,8 +30,9 @@ class Layout(Protocol):
 class Backend(Protocol):
     name: str
 
-    def layout(self, strategy: Any, mesh: Any) -> Layout:
-        """The layout of ``strategy`` on ``mesh`` (None: every process, one axis)."""
+    def layout(self, strategy: Any, mesh: Any, *, inner: Any = None) -> Layout:
+        """The layout of ``strategy`` on ``mesh`` (None: every process, one axis);
+        ``inner`` is the step being sharded (its ``policy`` sets gather dtypes)."""
 
 
 BACKENDS: dict[str, str] = {

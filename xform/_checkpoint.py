@@ -14,6 +14,7 @@ Several processes need a file system they all see (the usual case for checkpoint
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -321,7 +322,7 @@ def _read_dcp(directory: Path, targets: dict[str, torch.Tensor]) -> None:
     _, world = _dist()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
-        dcp.load(targets, storage_reader=_SafeReader(str(directory)), no_dist=world == 1)
+        dcp.load(targets, storage_reader=_safe_reader_class()(str(directory)), no_dist=world == 1)
 
 
 # DCP pickles its metadata; read it admitting only the classes that metadata is made of.
@@ -350,7 +351,10 @@ class _MetadataUnpickler(pickle.Unpickler):
         )
 
 
+@functools.cache
 def _safe_reader_class():
+    """DCP's file reader, reading the metadata with ``_MetadataUnpickler`` (made once, on
+    first use, so that ``import xform`` does not import DCP)."""
     from torch.distributed.checkpoint import FileSystemReader
 
     class SafeReader(FileSystemReader):
@@ -366,10 +370,6 @@ def _safe_reader_class():
             return metadata
 
     return SafeReader
-
-
-def _SafeReader(path: str):
-    return _safe_reader_class()(path)
 
 
 class CheckpointManager:

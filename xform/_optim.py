@@ -93,7 +93,7 @@ def placeholder_opt_state(factory, params: Mapping[str, torch.Tensor], names) ->
     gets sharded placeholders) and are replaced by the real initial state at the first
     update.
     """
-    local = {k: _local(params[k]) for k in names}
+    local = {k: local_part(params[k]) for k in names}
     metas = [torch.nn.Parameter(torch.empty_like(local[k], device="meta")) for k in names]
     for m in metas:
         m.grad = torch.empty_like(m)
@@ -128,7 +128,8 @@ def placeholder_opt_state(factory, params: Mapping[str, torch.Tensor], names) ->
     return out
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
+def local_part(t: torch.Tensor) -> torch.Tensor:
+    """The part of ``t`` on this process: a DTensor's local shard, else ``t``."""
     return t.to_local() if is_dtensor(t) else t
 
 
@@ -162,7 +163,7 @@ def adopt_opt_state(optimizer, names, params, old) -> dict[str, dict[str, Any]]:
                 ph.copy_(v)
                 entry[key] = live[key] = ph
             else:  # a local shard in the optimizer, a DTensor in the state
-                _local(ph).copy_(v)
-                entry[key], live[key] = ph, _local(ph)
+                local_part(ph).copy_(v)
+                entry[key], live[key] = ph, local_part(ph)
         out[k] = entry
     return out
