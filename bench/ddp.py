@@ -1,7 +1,7 @@
 """Step time of ``xf.shard(step, "replicate")`` against ``torch.nn.parallel.DistributedDataParallel``,
 and the collectives ``xf.shard(xf.accumulate(step, k), strategy)`` issues per micro-batch.
 
-Timing: two processes in one gloo group (``xform._procs.ProcessPool``: spawned, ``file://``
+Timing: two processes in one gloo group (``xform.distributed.procs.ProcessPool``: spawned, ``file://``
 store, one thread each). The model is an MLP of 2.1M parameters (512-1024-1024-512: 8 MiB
 of fp32 gradients, so communication matters), batch 32 per process, AdamW (foreach), MSE
 loss. Every variant starts from the same weights and sees the same data; inside the same
@@ -110,7 +110,7 @@ def _ddp_runner(bucket_mb: float | None, dims: tuple[int, ...]):
 
 
 def _xform_runner(bucket_mb: float, dims: tuple[int, ...]):
-    from xform.backends.torch_native import _Plan
+    from xform.backends.torch_native.data_parallel import _Plan
 
     step = xf.shard(xform_step, xf.Replicate(bucket_mb=bucket_mb))
     box = [step.init(xf.TrainState.create(mlp(dims), optimizer=torch.optim.AdamW, lr=1e-3))]
@@ -257,7 +257,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    from xform._procs import ProcessPool
+    from xform.distributed.procs import ProcessPool
 
     dims = parse_dims(args.dims)
     n_params = sum(p.numel() for p in mlp(dims).parameters())

@@ -6,7 +6,7 @@ Adam), zero1 4 Psi + 4 Psi + 8 Psi/N, zero2 4 Psi + 12 Psi/N, zero3 16 Psi/N. Th
 mixed-precision formulas (fp16/bf16 params and grads, fp32 master + Adam = 12 Psi) are
 printed for reference: 16 Psi, 4 Psi + 12 Psi/N, 2 Psi + 14 Psi/N, 16 Psi/N.
 
-Measured in every process of a gloo group of N (``xform._procs.ProcessPool``), on the
+Measured in every process of a gloo group of N (``xform.distributed.procs.ProcessPool``), on the
 second real step of ``xf.shard(step, strategy)``:
 
 - params: local bytes of ``state.params`` (a DTensor counts its ``to_local()``).
@@ -42,7 +42,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import xform as xf
-from xform.backends import torch_native
+from xform.backends.torch_native import data_parallel as torch_native
 
 DIMS = (512, 512, 1024, 256)
 BATCH = 8  # per process
@@ -133,7 +133,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    from xform._procs import ProcessPool
+    from xform.distributed.procs import ProcessPool
 
     psi = sum(p.numel() for p in mlp().parameters())
     mb = 2**20

@@ -18,7 +18,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import xform as xf
-from xform._accumulate import split_batch
+from xform.transforms.accumulate import split_batch
 from xform.testing import assert_accumulate_equivalent
 
 from _support import (

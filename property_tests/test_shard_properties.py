@@ -1,6 +1,6 @@
 """shard(strategy) on N processes equals the plain step on the global batch in one process.
 
-Real processes over real gloo groups (``xform._procs.ProcessPool``, one pool per world
+Real processes over real gloo groups (``xform.distributed.procs.ProcessPool``, one pool per world
 size for the whole module). Models, widths, batch sizes, accumulation, loss kind and
 gradient clipping are drawn by hypothesis; the reference runs in this process without a
 process group. Equality: params after several AdamW steps within rtol 1e-5.
@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import shard_cases
-from xform._procs import ProcessPool
+from xform.distributed.procs import ProcessPool
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import xform as xf
-from xform._accumulate import combine_metrics, split_batch
+from xform.transforms.accumulate import combine_metrics, split_batch
 from xform.testing import assert_accumulate_equivalent, assert_states_close
 
 from _util import batch, make_state, step, token_step

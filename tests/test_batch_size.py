@@ -1,14 +1,10 @@
-import sys
 import weakref
 
 import pytest
 import torch
 
-from xform import _batch_size
-from xform._batch_size import find_executable_batch_size, is_out_of_memory
+from xform.toolbox.batch_size import find_executable_batch_size, is_out_of_memory
 
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from _toolbox_doctest import run_doctests  # noqa: E402
 
 
 def test_halves_on_out_of_memory_until_it_fits():
@@ -102,6 +98,3 @@ def test_is_out_of_memory():
     assert not is_out_of_memory(RuntimeError("expected scalar type Float"))
     assert not is_out_of_memory(ValueError("out of memory"))
 
-
-def test_docstring_examples():
-    assert run_doctests(_batch_size) >= 2

@@ -26,8 +26,6 @@ from xform.cli._config import (
 )
 from xform.cli._estimate import human
 
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from _toolbox_doctest import run_doctests  # noqa: E402
 
 MODEL = textwrap.dedent(
     """
@@ -343,8 +341,3 @@ def test_estimate_memory_user_errors(tmp_path, capsys, monkeypatch):
         assert main(["estimate-memory", *argv]) == 2, argv
         assert f"xform estimate-memory: error: {message}" in capsys.readouterr().err, argv
 
-
-def test_docstring_examples():
-    from xform.cli import _config
-
-    assert run_doctests(_config) >= 5

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import xform as xf
 import xform.distributed  # noqa: F401 - xf.distributed
-from xform._procs import ProcessPool
+from xform.distributed.procs import ProcessPool
 
 N = 21  # examples: with a global batch of 8, each epoch is 8 + 8 + 5
 GBS = 8

@@ -13,7 +13,7 @@ import torch
 
 import xform as xf
 import xform.distributed  # noqa: F401 - xf.distributed
-from xform._procs import ProcessPool, RemoteError
+from xform.distributed.procs import ProcessPool, RemoteError
 
 D = xf.distributed
 LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "XFORM_TIMEOUT")

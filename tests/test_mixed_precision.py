@@ -40,7 +40,7 @@ def bad(seed=0):
         ("bf16", torch.float32, torch.bfloat16, torch.float32),
         ("FP16", torch.float32, torch.float16, torch.float32),
         ("float32", torch.float32, torch.float32, torch.float32),
-        ("params=float32,compute=bfloat16", torch.float32, torch.bfloat16, torch.bfloat16),
+        ("params=float32,compute=bfloat16", torch.float32, torch.bfloat16, torch.float32),  # output: the params dtype
         ("params=bfloat16", torch.bfloat16, torch.bfloat16, torch.bfloat16),
         ("params=float32, compute=half, output=float32", torch.float32, torch.float16, torch.float32),
     ],

@@ -1,14 +1,10 @@
-import sys
 import time
 
 import pytest
 import torch
 
-from xform import _monitor
-from xform._monitor import Monitor, peak_flops_of, peak_rss_bytes, rss_bytes
+from xform.toolbox.monitor import Monitor, peak_flops_of, peak_rss_bytes, rss_bytes
 
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from _toolbox_doctest import run_doctests  # noqa: E402
 
 GIB = 2.0**30
 
@@ -84,6 +80,3 @@ def test_arguments_are_checked():
         with pytest.raises(ValueError, match="Monitor: device cuda was asked for, but CUDA is not available"):
             Monitor(device="cuda")
 
-
-def test_docstring_examples():
-    assert run_doctests(_monitor) >= 3

@@ -7,14 +7,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from xform import _notebook
-from xform._monitor import Monitor
-from xform._notebook import notebook_launcher
-from xform._progress import progress
-from xform._tracking import JSONLinesTracker
+from xform.toolbox.monitor import Monitor
+from xform.toolbox.notebook import notebook_launcher
+from xform.toolbox.progress import progress
+from xform.toolbox.tracking import JSONLinesTracker
 
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from _toolbox_doctest import run_doctests  # noqa: E402
 
 
 def _train_like(tmp):
@@ -110,6 +107,3 @@ def test_arguments_are_checked():
     with pytest.raises(ValueError, match="start_method 'threads' is not available"):
         notebook_launcher(_world, start_method="threads")
 
-
-def test_docstring_examples():
-    assert run_doctests(_notebook) >= 2

@@ -1,14 +1,10 @@
 import json
-import sys
 
 import pytest
 import torch
 
-from xform import _profile
-from xform._profile import profile
+from xform.toolbox.profile import profile
 
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from _toolbox_doctest import run_doctests  # noqa: E402
 
 
 def _step(model, x):
@@ -60,6 +56,3 @@ def test_arguments_are_checked(tmp_path):
     with pytest.raises(RuntimeError, match="step\\(\\) outside the `with xf.profile"):
         profile(tmp_path).step()
 
-
-def test_docstring_examples():
-    assert run_doctests(_profile) >= 2

@@ -1,14 +1,10 @@
 import io
-import sys
 
 import pytest
 import torch
 
-from xform import _progress
-from xform._progress import progress
+from xform.toolbox.progress import progress
 
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from _toolbox_doctest import run_doctests  # noqa: E402
 
 
 class FakeTerminal(io.StringIO):
@@ -125,6 +121,3 @@ def test_arguments_are_checked():
     with pytest.raises(ValueError, match="progress: total must be an int >= 0"):
         progress(range(3), total=-1)
 
-
-def test_docstring_examples():
-    assert run_doctests(_progress) >= 4

@@ -11,7 +11,7 @@ import torch
 
 import shard_support as sup
 import xform as xf
-from xform._procs import ProcessPool
+from xform.distributed.procs import ProcessPool
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 import xform
-from xform import _tracking
-from xform._tracking import (
+from xform.toolbox.tracking import (
     CSVTracker,
     JSONLinesTracker,
     TensorBoardTracker,
@@ -21,8 +20,6 @@ from xform._tracking import (
     to_host,
 )
 
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from _toolbox_doctest import run_doctests  # noqa: E402
 
 
 @pytest.fixture
@@ -279,14 +276,11 @@ def test_importing_the_toolbox_imports_no_optional_package():
     code = (
         "import sys, torch\n"
         "before = set(sys.modules)\n"
-        "import xform, xform.cli, xform._tracking, xform._progress, xform._notebook, xform._monitor, "
-        "xform._profile, xform._memory, xform._batch_size\n"
+        "import xform, xform.cli, xform.toolbox.tracking, xform.toolbox.progress, xform.toolbox.notebook, xform.toolbox.monitor, "
+        "xform.toolbox.profile, xform.toolbox.memory, xform.toolbox.batch_size\n"
         "new = set(sys.modules) - before\n"
         "print(sorted(m for m in new if m.split('.')[0] in ('wandb', 'tensorboard', 'tqdm') or 'tensorboard' in m))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
-
-def test_docstring_examples():
-    assert run_doctests(_tracking) >= 8

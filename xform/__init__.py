@@ -6,22 +6,22 @@ in one immutable pytree, ``TrainState``.
 """
 
 from xform import distributed, tree
-from xform._accumulate import accumulate
-from xform._batch_size import find_executable_batch_size
-from xform._checkpoint import CheckpointManager, load, save
-from xform._configure import configure, launch_config
-from xform._data import DataLoader
-from xform._mean import Mean
-from xform._memory import MemoryEstimate, estimate_memory, measure_activations
-from xform._mixed_precision import DynamicLossScale, NoOpLossScale, Policy, StaticLossScale, mixed_precision
-from xform._monitor import Monitor
-from xform._notebook import notebook_launcher
-from xform._profile import profile
-from xform._progress import progress
-from xform._primitives import apply, value_and_grad
-from xform._shard import FullyShard, HybridShard, Replicate, TensorParallel, ZeRO, mesh, shard
-from xform._state import DonatedStateError, TrainState
-from xform._tracking import (
+from xform.transforms.accumulate import accumulate
+from xform.toolbox.batch_size import find_executable_batch_size
+from xform.checkpoint import CheckpointManager, load, save
+from xform.transforms.configure import configure, launch_config
+from xform.data import DataLoader
+from xform.core.mean import Mean
+from xform.toolbox.memory import MemoryEstimate, estimate_memory, measure_activations
+from xform.transforms.mixed_precision import DynamicLossScale, NoOpLossScale, Policy, StaticLossScale, mixed_precision
+from xform.toolbox.monitor import Monitor
+from xform.toolbox.notebook import notebook_launcher
+from xform.toolbox.profile import profile
+from xform.toolbox.progress import progress
+from xform.core.primitives import apply, value_and_grad
+from xform.transforms.shard import FullyShard, HybridShard, Replicate, TensorParallel, ZeRO, mesh, shard
+from xform.core.state import DonatedStateError, TrainState
+from xform.toolbox.tracking import (
     CSVTracker,
     JSONLinesTracker,
     TensorBoardTracker,
@@ -31,7 +31,7 @@ from xform._tracking import (
     make_tracker,
     to_host,
 )
-from xform._transform import Step, TransformedStep
+from xform.core.transform import Step, TransformedStep
 
 __version__ = "0.1.0"
 

@@ -34,10 +34,10 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from xform import tree
-from xform._accumulate import accumulate
-from xform._checkpoint import load, save
-from xform._state import DonatedStateError, TrainState
-from xform._transform import init_of
+from xform.transforms.accumulate import accumulate
+from xform.checkpoint import load, save
+from xform.core.state import DonatedStateError, TrainState
+from xform.core.transform import init_of
 
 __all__ = [
     "assert_accumulate_equivalent",

@@ -46,7 +46,7 @@ _EPILOG = "Run 'xform <command> --help' for a command's options."
 
 
 def _version() -> str:
-    from xform._sysinfo import package_version
+    from xform.toolbox.sysinfo import package_version
 
     return package_version("xform") or "unknown"
 

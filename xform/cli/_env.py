@@ -14,7 +14,7 @@ import platform
 import sys
 from typing import Any
 
-from xform._sysinfo import DIST_ENV_VARS, PACKAGES, cpu_count, devices, package_versions
+from xform.toolbox.sysinfo import DIST_ENV_VARS, PACKAGES, cpu_count, devices, package_versions
 
 __all__ = ["collect_env", "format_env"]
 

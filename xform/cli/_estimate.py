@@ -60,7 +60,7 @@ def _csv(kind: Callable[[str], Any], allowed: tuple[str, ...] | None = None) -> 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from xform._memory import OPTIMIZERS, PRECISIONS, STRATEGIES
+    from xform.toolbox.memory import OPTIMIZERS, PRECISIONS, STRATEGIES
 
     parser.add_argument("model", metavar="MODEL", help="module:callable or path/to/file.py:callable returning an nn.Module")
     parser.add_argument("--args", default=None, metavar="JSON", help='arguments of the callable, e.g. \'{"hidden": 1024}\'')
@@ -151,7 +151,7 @@ def human(n: int | None) -> str:
 def _activations(model: Any, args: argparse.Namespace) -> tuple[dict[str, int | None], str]:
     import torch
 
-    from xform._memory import measure_activations
+    from xform.toolbox.memory import measure_activations
 
     if args.input_shape is None:
         return {p: None for p in args.precisions}, "not estimated (pass --input-shape to measure them)"
@@ -171,7 +171,7 @@ def _activations(model: Any, args: argparse.Namespace) -> tuple[dict[str, int | 
 
 
 def run(args: argparse.Namespace) -> int:
-    from xform._memory import estimate_memory
+    from xform.toolbox.memory import estimate_memory
 
     model = build_on_meta(args.model, args.args)
     acts, note = _activations(model, args)

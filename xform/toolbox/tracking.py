@@ -31,8 +31,8 @@ from typing import Any, Callable, Mapping, Protocol, runtime_checkable
 
 import torch
 
-from xform._mean import Mean
-from xform._sysinfo import rank_and_world, system_info
+from xform.core.mean import Mean
+from xform.toolbox.sysinfo import rank_and_world, system_info
 
 __all__ = [
     "Tracker",

@@ -8,8 +8,8 @@ import attrs
 import optree
 import torch
 
-from xform import _primitives
-from xform._optim import (
+from xform.core import primitives
+from xform.core.optim import (
     OptimizerFactory,
     _optimizer_factory,
     adopt_opt_state,
@@ -340,7 +340,7 @@ class TrainState:
                 f"missing {missing[:5]}, unexpected {extra[:5]}; pass the grads xf.value_and_grad returned"
             )
         state = self if donate else self.copy()
-        return _primitives.dispatch("apply_gradients", _apply_gradients_base, state, dict(grads), None)
+        return primitives.dispatch("apply_gradients", _apply_gradients_base, state, dict(grads), None)
 
     def successor(self, *, updated: bool, **changes: Any) -> "TrainState":
         """The state after one update attempt: the data position always advances,
@@ -432,7 +432,7 @@ optree.register_pytree_node(TrainState, _flatten, _unflatten, namespace=NAMESPAC
 def _apply_gradients_base(state: TrainState, grads: dict[str, torch.Tensor], count: Any) -> TrainState:
     if count is not None and count != 1:  # a sum over `count` items (see Reducer)
         torch._foreach_div_(list(grads.values()), count if isinstance(count, torch.Tensor) else float(count))
-    return _primitives.dispatch("update", _update_base, state, grads)
+    return primitives.dispatch("update", _update_base, state, grads)
 
 
 def _update_base(state: TrainState, grads: dict[str, torch.Tensor]) -> TrainState:

@@ -10,8 +10,8 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.utils.data
 
-from xform._runtime import runtime as _runtime
-from xform._state import TrainState
+from xform.distributed.runtime import runtime as _runtime
+from xform.core.state import TrainState
 
 __all__ = ["DataLoader"]
 

@@ -23,7 +23,7 @@ Example:
     >>> xf.distributed.shutdown()
 """
 
-from xform._collectives import (
+from xform.distributed.collectives import (
     broadcast,
     broadcast_object,
     gather,
@@ -34,7 +34,7 @@ from xform._collectives import (
     sync_rng,
     wait_for_everyone,
 )
-from xform._runtime import (
+from xform.distributed.runtime import (
     DEFAULT_TIMEOUT,
     DistributedError,
     Runtime,

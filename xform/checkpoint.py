@@ -28,8 +28,8 @@ from typing import Any
 import optree
 import torch
 
-from xform._optim import is_dtensor
-from xform._state import TrainState
+from xform.core.optim import is_dtensor
+from xform.core.state import TrainState
 from xform.tree import NAMESPACE, path_str
 
 __all__ = ["save", "load", "CheckpointManager", "PendingSave"]

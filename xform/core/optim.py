@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 import torch
 
 if TYPE_CHECKING:
-    from xform._state import TrainState
+    from xform.core.state import TrainState
 
 OptimizerFactory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
 

@@ -13,10 +13,10 @@ import attrs
 import torch
 
 from xform import tree
-from xform._mean import Mean
-from xform._primitives import Handler, installed
-from xform._state import TrainState
-from xform._transform import check_step, wrap
+from xform.core.mean import Mean
+from xform.core.primitives import Handler, installed
+from xform.core.state import TrainState
+from xform.core.transform import check_step, wrap
 
 __all__ = ["Policy", "NoOpLossScale", "StaticLossScale", "DynamicLossScale", "mixed_precision"]
 
@@ -56,7 +56,7 @@ class Policy:
         """``"bf16"``, ``"fp16"``, ``"fp32"`` or ``"params=...,compute=...,output=..."``.
 
         A short name computes in that dtype with float32 params and outputs; in the long
-        form, ``compute`` defaults to ``params`` and ``output`` to ``compute``.
+        form, ``compute`` and ``output`` default to ``params`` (float32 when unnamed).
         """
         if isinstance(spec, Policy):
             return spec
@@ -76,7 +76,7 @@ class Policy:
             parts[key] = _dtype("mixed_precision", value)
         param = parts.get("params", torch.float32)
         compute = parts.get("compute", param)
-        return cls(param_dtype=param, compute_dtype=compute, output_dtype=parts.get("output", compute))
+        return cls(param_dtype=param, compute_dtype=compute, output_dtype=parts.get("output", param))
 
     def cast_to_output(self, x: Any) -> Any:
         return _cast_floats(x, self.output_dtype)

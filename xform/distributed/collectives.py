@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from xform import tree as _tree
-from xform._runtime import _HOST_BACKENDS, DistributedError, Runtime, _first_line, runtime
+from xform.distributed.runtime import _HOST_BACKENDS, DistributedError, Runtime, _first_line, runtime
 
 __all__ = [
     "broadcast",

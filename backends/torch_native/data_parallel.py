@@ -1,114 +1,23 @@
-"""The native backend: ``torch.distributed`` (gloo on CPU, NCCL on GPU).
-
-Strategies and how they are built:
-
-- replicate, zero1, zero2 (``_DataParallel``): own c10d code. The step takes gradients with
-  ``torch.autograd.grad``; hooks on the parameters copy each gradient into a flat bucket
-  as autograd produces it and start an async all-reduce (replicate, zero1) or
-  reduce-scatter (zero2) when a bucket is full, so communication overlaps the rest of
-  the backward pass, as DDP does. Buckets are launched strictly in order, so every
-  process issues the same collectives in the same order.
-- zero3/fsdp, hsdp (``_FullyShard``): ``torch.distributed.fsdp.fully_shard`` (FSDP2). Its
-  per-module gather/free and reduce-scatter are module hooks that fire during
-  ``.backward()``, so under these strategies ``value_and_grad`` takes gradients with
-  ``.backward()`` (``Handler.uses_backward``) and reads the sharded ``.grad``s. Rewriting
-  FSDP2's prefetching and memory management for ``autograd.grad`` would duplicate it for
-  no gain in semantics.
-- tensor parallel (``_TensorParallel``): DTensor ``parallelize_module``, optionally with
-  FSDP2 over the data-parallel mesh axis.
-"""
+"""replicate, zero1, zero2: own c10d code, gradients in buckets started from autograd hooks."""
 
 from __future__ import annotations
 
-import fractions
 import functools
 import math
-import os
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from xform._primitives import Handler, Reducer, handlers
-from xform._shard import FullyShard, HybridShard, Replicate, TensorParallel, ZeRO
-from xform._optim import adopt_opt_state, build_optimizer, local_part, optimizer_step, placeholder_opt_state
-from xform._state import TrainState
+from xform.core.optim import adopt_opt_state, build_optimizer, local_part, optimizer_step, placeholder_opt_state
+from xform.core.primitives import Handler, Reducer
+from xform.core.state import TrainState
+from xform.core.strategies import Replicate, ZeRO
 
-__all__ = ["TorchBackend"]
-
-
-
-# torch 2.13 renamed the flat-tensor collectives (the old names warn); older torch has only
-# the old ones. Looked up at each call, so that tools counting collectives see them.
-def _all_gather(*args: Any, **kwargs: Any) -> Any:
-    return (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(*args, **kwargs)
-
-
-def _reduce_scatter(*args: Any, **kwargs: Any) -> Any:
-    return (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(*args, **kwargs)
-
-
-class TorchBackend:
-    name = "torch"
-
-    def layout(self, strategy: Any, mesh: Any, *, inner: Any = None):
-        if isinstance(strategy, (Replicate, ZeRO)):
-            return _DataParallel(strategy, mesh)
-        if isinstance(strategy, FullyShard):
-            return _FullyShard(strategy, mesh, inner)
-        if isinstance(strategy, TensorParallel):
-            return _TensorParallel(strategy, mesh, inner)
-        raise TypeError(f"shard: the torch backend has no strategy {strategy!r}")
-
-
-# --- process groups ---------------------------------------------------------------------
-
-
-def _default_group() -> tuple[Any, int, int]:
-    """(group, rank, world) of all processes; (None, 0, 1) without a process group."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.group.WORLD, dist.get_rank(), dist.get_world_size()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise RuntimeError(
-            "shard: WORLD_SIZE is set but no process group is initialized; call "
-            "xf.distributed.initialize() at the start of the script"
-        )
-    return None, 0, 1
-
-
-def _mesh_group(mesh: Any, axis: str | None = None) -> tuple[Any, int, int]:
-    if mesh is None:
-        return _default_group()
-    sub = mesh if axis is None else mesh[axis]
-    group = sub.get_group()
-    return group, dist.get_rank(group), dist.get_world_size(group)
-
-
-def _broadcast_state(state: TrainState, group: Any, src_rank_in_group: int = 0) -> None:
-    """Makes params and buffers equal to the first process's, in place."""
-    if group is None:
-        return
-    src = dist.get_global_rank(group, src_rank_in_group) if group is not dist.group.WORLD else src_rank_in_group
-    with torch.no_grad():
-        for t in list(state.params.values()) + list(state.buffers.values()):
-            dist.broadcast(local_part(t.detach()), src=src, group=group)
-
-
-def _global_count(count: Any, group: Any, world: int, device: torch.device) -> Any:
-    """The item count summed over the data-parallel processes."""
-    if isinstance(count, fractions.Fraction):  # plain losses: the same on every process
-        return count * world
-    t = torch.as_tensor(count, device=device).detach().to(torch.float64).reshape(())
-    if group is not None:
-        t = t.clone()
-        dist.all_reduce(t, group=group)
-    return float(t)
-
-
-def _inner_at_last_piece(me: Handler) -> bool:
-    stack = handlers()
-    return all(h.at_last_piece() for h in stack[stack.index(me) + 1 :] if h.reduces)
-
+from .common import (
+    _all_gather, _check_fresh, _device_type, _global_count, _inner_at_last_piece, _mesh_group, _reduce_scatter,
+    _broadcast_state,
+)
 
 # --- replicate, zero1, zero2 ----------------------------------------------------------------
 
@@ -280,7 +189,7 @@ class _Comm:
         return {k: self.grads[k] for k in self.plan.names}
 
 
-class _DataParallel:
+class DataParallel:
     """replicate / zero1 / zero2 over one data-parallel group."""
 
     def __init__(self, strategy: Replicate | ZeRO, mesh: Any):
@@ -344,7 +253,7 @@ def _shard_opt_state(state: TrainState, plan: _Plan, mesh: Any) -> TrainState:
 class _DataParallelHandler(Reducer):
     overlaps = True
 
-    def __init__(self, layout: _DataParallel, group: Any, world: int):
+    def __init__(self, layout: DataParallel, group: Any, world: int):
         super().__init__()
         self.layout, self.group, self.pieces = layout, group, world
         self.reduced = False
@@ -378,7 +287,7 @@ class _DataParallelHandler(Reducer):
         return _zero_update(self.layout, state, grads, self.group)
 
 
-def _zero_update(layout: _DataParallel, state: TrainState, grads: dict[str, torch.Tensor], group: Any) -> TrainState:
+def _zero_update(layout: DataParallel, state: TrainState, grads: dict[str, torch.Tensor], group: Any) -> TrainState:
     plan = layout.plan(state.params)
     names = plan.names
     rt = state._runtime("TrainState.apply_gradients")
@@ -433,170 +342,3 @@ def _all_gather_params(plan: _Plan, params: dict[str, torch.Tensor], group: Any)
             for e in entries:
                 full = grid[:, e.soffset : e.soffset + e.chunk].reshape(-1)[: e.numel]
                 params[e.name].detach().view(-1).copy_(full)
-
-
-# --- zero3 / fsdp, hsdp: FSDP2 ----------------------------------------------------------------
-
-
-def _device_type() -> str:
-    return "cuda" if dist.get_backend() == "nccl" else "cpu"
-
-
-def _check_fresh(state: TrainState) -> None:
-    if state.opt_state["initialized"]:
-        raise ValueError(
-            "shard: lay the state out with step.init(state) before training; this state's optimizer "
-            "state is already initialized"
-        )
-
-
-def _fully_shard_units(module: torch.nn.Module, mesh: Any, strategy: FullyShard, policy: Any) -> None:
-    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-
-    compute = getattr(policy, "compute_dtype", None)
-    lower = compute is not None and compute != torch.float32
-    mp = MixedPrecisionPolicy(param_dtype=compute if lower else None, reduce_dtype=strategy.reduce_dtype if lower else None)
-    choose = strategy.units or (lambda m: any(p is not None for p in m._parameters.values()))
-    units = [m for _, m in module.named_modules() if m is not module and choose(m)]
-    for unit in reversed(units):  # children before their parents
-        fully_shard(unit, mesh=mesh, reshard_after_forward=strategy.reshard_after_forward, mp_policy=mp)
-    fully_shard(module, mesh=mesh, reshard_after_forward=strategy.reshard_after_forward, mp_policy=mp)
-    for m in module.modules():
-        if isinstance(m, FSDPModule):
-            m.set_gradient_divide_factor(1.0)  # sums: xform divides by the global item count
-            m.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no AVG/PREMUL_SUM)
-
-
-def _relaid(state: TrainState) -> TrainState:
-    """The state over the module's new (DTensor) parameters; the old state is used up."""
-    params = dict(state.module.named_parameters())
-    names = state._spec.trainable
-    opt = {"initialized": False, "state": placeholder_opt_state(state._spec.optimizer, params, names)}
-    return state._relaid("shard's step.init, which laid its params out", params=params, opt_state=opt)
-
-
-class _FullyShard:
-    def __init__(self, strategy: FullyShard, mesh: Any, inner: Any):
-        self.strategy, self.mesh = strategy, mesh
-        self.policy = getattr(inner, "policy", None)  # mixed_precision inside shard
-
-    def dp_mesh(self) -> Any:
-        from torch.distributed.device_mesh import init_device_mesh
-
-        s = self.strategy
-        if isinstance(s, HybridShard):
-            names = getattr(self.mesh, "mesh_dim_names", None) or ()
-            if s.replicate_axis not in names or s.shard_axis not in names:
-                raise ValueError(
-                    f"shard(hsdp): needs a mesh with axes {s.replicate_axis!r} and {s.shard_axis!r}, got "
-                    f"{names or self.mesh}; pass mesh=xf.mesh({s.replicate_axis}=R, {s.shard_axis}=S)"
-                )
-            return self.mesh[(s.replicate_axis, s.shard_axis)]
-        if self.mesh is not None:
-            if self.mesh.ndim != 1:
-                raise ValueError(
-                    f"shard(zero3): needs a 1-D mesh, got axes {self.mesh.mesh_dim_names}; use 'hsdp' for 2-D"
-                )
-            return self.mesh
-        return init_device_mesh(_device_type(), (dist.get_world_size(),))
-
-    def init(self, state: TrainState) -> TrainState:
-        group, _, _ = _default_group()
-        if group is None:
-            return state
-        _check_fresh(state)
-        _broadcast_state(state, group)
-        _fully_shard_units(state.module, self.dp_mesh(), self.strategy, self.policy)
-        return _relaid(state)
-
-    def handler(self) -> Handler:
-        group, _, world = _default_group()
-        if group is None:
-            return Handler()
-        return _BackwardReducer(group, world)
-
-
-class _BackwardReducer(Reducer):
-    """Gradients from ``.backward()`` through module hooks (FSDP2, DTensor), already
-    reduced; only the item count needs summing over the data-parallel group."""
-
-    uses_backward = True
-
-    def __init__(self, group: Any, world: int, *, uses_backward: bool = True):
-        super().__init__()
-        self.group, self.pieces, self.uses_backward = group, world, uses_backward
-
-    def apply(self, state, params, args, kwargs, next):
-        if params is not state.params:
-            raise ValueError(
-                "shard: under a sharding strategy, xf.apply must be given the params that "
-                "xf.value_and_grad passes to the loss function (state.params)"
-            )
-        return next(state, params, args, kwargs)
-
-    def apply_gradients(self, state, grads, count, next):
-        count = self.take_count(count)
-        return next(state, grads, _global_count(count, self.group, self.pieces, state._spec.device))
-
-
-# --- tensor parallel ----------------------------------------------------------------------------
-
-
-class _TensorParallel:
-    def __init__(self, strategy: TensorParallel, mesh: Any, inner: Any):
-        self.strategy, self.mesh = strategy, mesh
-        self.policy = getattr(inner, "policy", None)
-
-    def _check_mesh(self) -> None:
-        s = self.strategy
-        names = getattr(self.mesh, "mesh_dim_names", None) or ()
-        need = [s.axis] + ([s.dp_axis] if s.data_parallel else [])
-        if self.mesh is None or any(n not in names for n in need):
-            raise ValueError(
-                f"shard(tp): needs a mesh with axes {need}, got {names or self.mesh}; pass e.g. "
-                f"mesh=xf.mesh({s.dp_axis}=2, {s.axis}=2)"
-            )
-
-    def init(self, state: TrainState) -> TrainState:
-        import fnmatch
-
-        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
-
-        self._check_mesh()
-        _check_fresh(state)
-        _broadcast_state(state, dist.group.WORLD)
-        s = self.strategy
-        styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
-        plan = {}
-        for name, _ in state.module.named_modules():
-            for pattern, style in s.plan.items():
-                if name and fnmatch.fnmatchcase(name, pattern):
-                    plan[name] = styles[style]()
-        if not plan:
-            raise ValueError(f"shard(tp): the plan {dict(s.plan)} matches no module of {type(state.module).__name__}")
-        size = self.mesh[s.axis].size()
-        modules = dict(state.module.named_modules())
-        for name, style in plan.items():
-            weight = getattr(modules[name], "weight", None)
-            dim = 0 if isinstance(style, ColwiseParallel) else 1
-            if weight is None or weight.dim() < 2 - dim:
-                raise ValueError(f"shard(tp): module {name!r} has no weight to split; plan only Linear-like modules")
-            if weight.shape[dim] % size:
-                kind = "output features" if dim == 0 else "input features"
-                raise ValueError(
-                    f"shard(tp): {name!r} has {weight.shape[dim]} {kind}, which the {size} processes of mesh axis "
-                    f"{s.axis!r} cannot split evenly; make it a multiple of {size} or leave {name!r} out of the plan"
-                )
-        parallelize_module(state.module, self.mesh[s.axis], plan)
-        if s.data_parallel == "fsdp":
-            _fully_shard_units(state.module, self.mesh[s.dp_axis], FullyShard(), self.policy)
-        return _relaid(state)
-
-    def handler(self) -> Handler:
-        s = self.strategy
-        if s.data_parallel:
-            sub = self.mesh[s.dp_axis]
-            group, world = sub.get_group(), sub.size()
-        else:
-            group, world = None, 1
-        return _BackwardReducer(group, world, uses_backward=s.data_parallel == "fsdp")

@@ -15,10 +15,10 @@ import optree
 import torch
 
 from xform import tree
-from xform._mean import Mean
-from xform._primitives import Reducer, handlers, installed, rng_guard, rng_salt
-from xform._state import TrainState
-from xform._transform import check_step, wrap
+from xform.core.mean import Mean
+from xform.core.primitives import Reducer, handlers, installed, rng_guard, rng_salt
+from xform.core.state import TrainState
+from xform.core.transform import check_step, wrap
 
 __all__ = ["accumulate", "split_batch", "combine_metrics"]
 

@@ -7,9 +7,9 @@ import json
 import os
 from typing import Any, Callable
 
-from xform._accumulate import accumulate
-from xform._mixed_precision import mixed_precision
-from xform._shard import shard
+from xform.transforms.accumulate import accumulate
+from xform.transforms.mixed_precision import mixed_precision
+from xform.transforms.shard import shard
 
 __all__ = ["launch_config", "configure"]
 

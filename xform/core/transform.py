@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable, Protocol
 
-from xform._state import TrainState
+from xform.core.state import TrainState
 
 __all__ = ["Step", "TransformedStep", "init_of", "wrap"]
 

@@ -11,8 +11,8 @@ import importlib
 import os
 from typing import Any, Protocol
 
-from xform._primitives import Handler
-from xform._state import TrainState
+from xform.core.primitives import Handler
+from xform.core.state import TrainState
 
 __all__ = ["Backend", "Layout", "BACKENDS", "get_backend"]
 

@@ -9,7 +9,7 @@ from typing import Any, Iterable
 
 import torch
 
-from xform._sysinfo import rank_and_world
+from xform.toolbox.sysinfo import rank_and_world
 
 __all__ = ["profile", "Profile"]
 

@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, TextIO
 
 import torch
 
-from xform._tracking import is_main_process, to_host
+from xform.toolbox.tracking import is_main_process, to_host
 
 __all__ = ["progress", "Progress"]
 

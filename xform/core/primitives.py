@@ -30,10 +30,10 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from xform._mean import Mean
+from xform.core.mean import Mean
 
 if TYPE_CHECKING:
-    from xform._state import TrainState
+    from xform.core.state import TrainState
 
 __all__ = ["Handler", "Reducer", "apply", "value_and_grad", "installed", "dispatch", "rng_salt", "rng_guard"]
 

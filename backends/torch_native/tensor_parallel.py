@@ -1,0 +1,76 @@
+"""Tensor parallel over DTensor ``parallelize_module``, optionally with FSDP2 over ``dp``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.distributed as dist
+
+from xform.core.primitives import Handler
+from xform.core.state import TrainState
+from xform.core.strategies import FullyShard, TensorParallel
+
+from .common import _broadcast_state, _check_fresh
+from .fully_shard import _BackwardReducer, _fully_shard_units, _relaid
+
+# --- tensor parallel ----------------------------------------------------------------------------
+
+
+class TensorParallelLayout:
+    def __init__(self, strategy: TensorParallel, mesh: Any, inner: Any):
+        self.strategy, self.mesh = strategy, mesh
+        self.policy = getattr(inner, "policy", None)
+
+    def _check_mesh(self) -> None:
+        s = self.strategy
+        names = getattr(self.mesh, "mesh_dim_names", None) or ()
+        need = [s.axis] + ([s.dp_axis] if s.data_parallel else [])
+        if self.mesh is None or any(n not in names for n in need):
+            raise ValueError(
+                f"shard(tp): needs a mesh with axes {need}, got {names or self.mesh}; pass e.g. "
+                f"mesh=xf.mesh({s.dp_axis}=2, {s.axis}=2)"
+            )
+
+    def init(self, state: TrainState) -> TrainState:
+        import fnmatch
+
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+        self._check_mesh()
+        _check_fresh(state)
+        _broadcast_state(state, dist.group.WORLD)
+        s = self.strategy
+        styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+        plan = {}
+        for name, _ in state.module.named_modules():
+            for pattern, style in s.plan.items():
+                if name and fnmatch.fnmatchcase(name, pattern):
+                    plan[name] = styles[style]()
+        if not plan:
+            raise ValueError(f"shard(tp): the plan {dict(s.plan)} matches no module of {type(state.module).__name__}")
+        size = self.mesh[s.axis].size()
+        modules = dict(state.module.named_modules())
+        for name, style in plan.items():
+            weight = getattr(modules[name], "weight", None)
+            dim = 0 if isinstance(style, ColwiseParallel) else 1
+            if weight is None or weight.dim() < 2 - dim:
+                raise ValueError(f"shard(tp): module {name!r} has no weight to split; plan only Linear-like modules")
+            if weight.shape[dim] % size:
+                kind = "output features" if dim == 0 else "input features"
+                raise ValueError(
+                    f"shard(tp): {name!r} has {weight.shape[dim]} {kind}, which the {size} processes of mesh axis "
+                    f"{s.axis!r} cannot split evenly; make it a multiple of {size} or leave {name!r} out of the plan"
+                )
+        parallelize_module(state.module, self.mesh[s.axis], plan)
+        if s.data_parallel == "fsdp":
+            _fully_shard_units(state.module, self.mesh[s.dp_axis], FullyShard(), self.policy)
+        return _relaid(state)
+
+    def handler(self) -> Handler:
+        s = self.strategy
+        if s.data_parallel:
+            sub = self.mesh[s.dp_axis]
+            group, world = sub.get_group(), sub.size()
+        else:
+            group, world = None, 1
+        return _BackwardReducer(group, world, uses_backward=s.data_parallel == "fsdp")

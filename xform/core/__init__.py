@@ -1,0 +1,1 @@
+"""The core: TrainState, the primitives and their handler stack, the transform recipe, the optimizer inside a state, Mean, strategies and the backend protocol. Nothing here imports a backend, the toolbox or the CLI."""

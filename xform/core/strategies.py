@@ -1,0 +1,120 @@
+"""Parallel strategies: frozen value objects, and the one table that names them.
+
+``xf.shard``, ``xf.configure``, the memory estimate and the CLI all read ``STRATEGIES``;
+backends implement them (``xform.core.backend``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import attrs
+import torch
+
+__all__ = ["Replicate", "ZeRO", "FullyShard", "HybridShard", "TensorParallel", "Strategy", "STRATEGIES", "parse_strategy"]
+
+
+@attrs.frozen(kw_only=True)
+class Replicate:
+    """DDP semantics: params and optimizer state replicated; gradients all-reduced in
+    buckets of ``bucket_mb``, started from autograd hooks as gradients become ready."""
+
+    bucket_mb: float = 25.0
+    name = "replicate"
+
+
+@attrs.frozen(kw_only=True)
+class ZeRO:
+    """ZeRO stage 1 or 2: params replicated; optimizer state (stage 1) and gradients
+    (stage 2) sharded by rows across the data-parallel processes. Stage 1 all-reduces
+    gradients and keeps them whole; stage 2 reduce-scatters them as they are produced
+    and keeps only this process's rows. Each process updates its rows; params are then
+    all-gathered."""
+
+    stage: int = 1
+    bucket_mb: float = 25.0
+
+    def __attrs_post_init__(self):
+        if self.stage not in (1, 2):
+            raise ValueError(f"ZeRO: stage must be 1 or 2 (use FullyShard() for stage 3), got {self.stage}")
+
+    @property
+    def name(self) -> str:
+        return f"zero{self.stage}"
+
+
+@attrs.frozen(kw_only=True)
+class FullyShard:
+    """ZeRO-3 / FSDP2 semantics: params, gradients and optimizer state sharded by rows;
+    params gathered just in time per unit (each child module that holds parameters,
+    or the modules ``units`` selects) and freed after forward and after backward.
+
+    Attributes:
+        reshard_after_forward: free gathered params after forward (re-gather in backward).
+        units: a predicate ``module -> bool`` choosing the modules gathered together;
+            default: every module that directly holds parameters.
+        reduce_dtype: dtype of gradient reduce-scatter under mixed precision (fp32).
+    """
+
+    reshard_after_forward: bool = True
+    units: Callable[[torch.nn.Module], bool] | None = None
+    reduce_dtype: torch.dtype = torch.float32
+    name = "zero3"
+
+
+@attrs.frozen(kw_only=True)
+class HybridShard(FullyShard):
+    """HSDP: fully shard inside the mesh axis ``shard_axis``, replicate across
+    ``replicate_axis`` (e.g. shard inside a node, replicate across nodes)."""
+
+    replicate_axis: str = "replicate"
+    shard_axis: str = "shard"
+    name = "hsdp"
+
+
+@attrs.frozen(kw_only=True)
+class TensorParallel:
+    """Tensor parallelism over the mesh axis ``axis``: ``plan`` maps parameter-owning
+    module names (fnmatch patterns) to ``"colwise"`` or ``"rowwise"``. Composed with
+    ``data_parallel`` (``None`` or ``"fsdp"``) over ``dp_axis`` on a 2-D mesh. Every process
+    of a tensor-parallel group must get the same batch: give ``xf.DataLoader`` the
+    data-parallel rank and size (``rank=mesh["dp"].get_local_rank(), world_size=...``)."""
+
+    plan: Mapping[str, str]
+    axis: str = "tp"
+    data_parallel: str | None = None
+    dp_axis: str = "dp"
+    name = "tp"
+
+    def __attrs_post_init__(self):
+        bad = {k: v for k, v in self.plan.items() if v not in ("colwise", "rowwise")}
+        if bad:
+            raise ValueError(f"TensorParallel: plan values must be 'colwise' or 'rowwise', got {bad}")
+        if self.data_parallel not in (None, "fsdp"):
+            raise ValueError(
+                f"TensorParallel: data_parallel must be None or 'fsdp', got {self.data_parallel!r}"
+            )
+
+
+Strategy = Replicate | ZeRO | FullyShard | HybridShard | TensorParallel
+
+STRATEGIES: dict[str, Strategy] = {
+    "replicate": Replicate(),
+    "ddp": Replicate(),
+    "zero1": ZeRO(stage=1),
+    "zero2": ZeRO(stage=2),
+    "zero3": FullyShard(),
+    "fsdp": FullyShard(),
+    "hsdp": HybridShard(),
+}
+
+
+def parse_strategy(strategy: "str | Strategy") -> Strategy:
+    if isinstance(strategy, (Replicate, ZeRO, FullyShard, TensorParallel)):
+        return strategy
+    if isinstance(strategy, str) and strategy.lower() in STRATEGIES:
+        return STRATEGIES[strategy.lower()]
+    raise ValueError(
+        f"shard: unknown strategy {strategy!r}; use one of {sorted(STRATEGIES)} or a strategy object "
+        "(xf.Replicate(...), xf.ZeRO(stage=...), xf.FullyShard(...), xf.HybridShard(...), xf.TensorParallel(...))"
+    )

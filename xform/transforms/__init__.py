@@ -1,0 +1,1 @@
+"""The transforms, one module each: ``Step -> Step`` handlers of the core primitives."""
