@@ -181,7 +181,7 @@ def test_config_asks_on_a_terminal(runs):
     assert out.returncode == 0, out.stderr
     assert "Backend [torch/deepspeed/xla] (torch): " in out.stdout
     assert "Precision" not in out.stdout  # given as a flag
-    assert "strategy must be one of replicate, zero1, zero2, zero3, fsdp, hsdp; got 'zero9'" in out.stdout
+    assert "strategy must be one of replicate, ddp, zero1, zero2, zero3, fsdp, hsdp; got 'zero9'" in out.stdout
     assert "accumulation_steps must be an int >= 1; got 'many'" in out.stdout
     saved = read_config_file(runs.dir / "asked.json")
     assert saved == {

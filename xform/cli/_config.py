@@ -23,6 +23,9 @@ from typing import Any, Callable, Mapping, TextIO
 import attrs
 
 from xform.cli import CommandError
+from xform.core.backend import BACKENDS as _BACKEND_TABLE
+from xform.core.dtypes import PRECISIONS as _PRECISION_TABLE
+from xform.core.strategies import STRATEGIES as _STRATEGY_TABLE
 
 __all__ = [
     "LaunchConfig",
@@ -42,9 +45,9 @@ __all__ = [
 
 HELP = "write or show the saved launch settings (backend, strategy, precision, ...)"
 
-BACKENDS = ("torch", "deepspeed", "xla")
-STRATEGIES = ("replicate", "zero1", "zero2", "zero3", "fsdp", "hsdp")
-PRECISIONS = ("fp32", "bf16", "fp16")
+BACKENDS = tuple(_BACKEND_TABLE)
+STRATEGIES = tuple(_STRATEGY_TABLE)
+PRECISIONS = tuple(_PRECISION_TABLE)
 _FORMAT_VERSION = 1
 
 

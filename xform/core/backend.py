@@ -14,7 +14,7 @@ from typing import Any, Protocol
 from xform.core.primitives import Handler
 from xform.core.state import TrainState
 
-__all__ = ["Backend", "Layout", "BACKENDS", "get_backend"]
+__all__ = ["Backend", "Layout", "BACKENDS", "available_backends", "get_backend"]
 
 
 class Layout(Protocol):
@@ -35,15 +35,28 @@ class Backend(Protocol):
         ``inner`` is the step being sharded (its ``policy`` sets gather dtypes)."""
 
 
-BACKENDS: dict[str, str] = {
+# The one table of backends: name -> "module:class", or None for a backend that is named
+# (the launch settings accept it) but not built in this version.
+BACKENDS: dict[str, str | None] = {
     "torch": "xform.backends.torch_native:TorchBackend",
+    "deepspeed": None,
+    "xla": None,
 }
 
 
-def get_backend(name: str | None = None) -> Backend:
+def available_backends() -> list[str]:
+    return [k for k, v in BACKENDS.items() if v is not None]
+
+
+def get_backend(name: str | None = None, *, api: str = "shard") -> Backend:
     """The backend called ``name``; by default ``$XFORM_BACKEND`` or ``"torch"``."""
     name = name or os.environ.get("XFORM_BACKEND") or "torch"
     if name not in BACKENDS:
-        raise ValueError(f"shard: unknown backend {name!r}; the backends are {sorted(BACKENDS)}")
+        raise ValueError(f"{api}: unknown backend {name!r}; the backends are {sorted(BACKENDS)}")
+    if BACKENDS[name] is None:
+        raise ValueError(
+            f"{api}: backend {name!r} is not available in this version of xform; the available backend is "
+            f"{available_backends()} (set it with xform config --backend torch)"
+        )
     module, _, attr = BACKENDS[name].partition(":")
     return getattr(importlib.import_module(module), attr)()

@@ -39,10 +39,15 @@ from typing import Any
 import attrs
 import torch
 
+from xform.core.dtypes import PRECISIONS as _PRECISION_TABLE
+from xform.core.strategies import STRATEGIES as _STRATEGY_TABLE
+
 __all__ = ["MemoryEstimate", "estimate_memory", "measure_activations", "STRATEGIES", "PRECISIONS", "OPTIMIZERS"]
 
-STRATEGIES = ("replicate", "zero1", "zero2", "zero3")
-PRECISIONS = ("fp32", "bf16", "fp16")
+# The strategies whose footprint has a formula, and the precisions: derived from core's tables.
+# Aliases ("ddp", "fsdp") are accepted and estimated as the strategy they name.
+STRATEGIES = tuple(dict.fromkeys(s.name for s in _STRATEGY_TABLE.values() if s.name in ("replicate", "zero1", "zero2", "zero3")))
+PRECISIONS = tuple(_PRECISION_TABLE)
 # fp32 optimizer-state bytes per trainable parameter, and whether there is a per-tensor step counter
 OPTIMIZERS: dict[str, tuple[int, bool]] = {
     "adam": (8, True),
@@ -50,8 +55,7 @@ OPTIMIZERS: dict[str, tuple[int, bool]] = {
     "sgd": (0, False),
     "sgd-momentum": (4, False),
 }
-_LOW = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-_SHARDS = {  # which parts are sharded over the ranks: (params, grads, optimizer state)
+_SHARDS = {  # by strategy family: which parts are sharded over the ranks (params, grads, optimizer state)
     "replicate": (False, False, False),
     "zero1": (False, False, True),
     "zero2": (False, True, True),
@@ -132,7 +136,8 @@ def estimate_memory(
         >>> e.params, e.grads, e.optimizer_state   # 2Ψ, 2Ψ/4, 12Ψ/4 + two step counters
         (2002000, 500500, 3003008)
     """
-    if strategy not in STRATEGIES:
+    family = _STRATEGY_TABLE[strategy].name if strategy in _STRATEGY_TABLE else None
+    if family not in STRATEGIES:
         raise ValueError(f"estimate_memory: unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
     if precision not in PRECISIONS:
         raise ValueError(f"estimate_memory: unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
@@ -152,7 +157,7 @@ def estimate_memory(
     low = 4 if precision == "fp32" else 2
     master = 0 if precision == "fp32" else 4
     state_bytes, has_step = OPTIMIZERS[optimizer]
-    shard_p, shard_g, shard_o = _SHARDS[strategy]
+    shard_p, shard_g, shard_o = _SHARDS[family]
 
     def per_rank(n: int, sharded: bool) -> int:
         return math.ceil(n / world_size) if sharded else n

@@ -7,6 +7,7 @@ import json
 import os
 from typing import Any, Callable
 
+from xform.core.backend import get_backend
 from xform.transforms.accumulate import accumulate
 from xform.transforms.mixed_precision import mixed_precision
 from xform.transforms.shard import shard
@@ -59,11 +60,7 @@ def configure(step: Callable[..., Any], config: Any = None):
         ('mixed_precision', 'accumulate', 'shard')
     """
     config = launch_config() if config is None else config
-    if config.backend != "torch":
-        raise ValueError(
-            f"xf.configure: backend {config.backend!r} is not available in this version of xform; the "
-            "available backend is 'torch' (set it with xform config --backend torch)"
-        )
+    get_backend(config.backend, api="xf.configure")  # refuses a backend not built in this version
     step = mixed_precision(step, config.precision)
     step = accumulate(step, config.accumulation_steps)
-    return shard(step, config.strategy)
+    return shard(step, config.strategy, backend=config.backend)
