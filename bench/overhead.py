@@ -1,12 +1,28 @@
-"""Per-step overhead of xform against a hand-written PyTorch loop doing the same math.
+"""Per-step overhead of xform against two hand-written PyTorch loops doing the same math.
 
-Tiny MLP (3 layers of 32), batch 8, AdamW (foreach), one thread. Each variant runs
-side by side with its hand-written twin, interleaved in rounds; the medians of the
-per-round times give the ratio. The twin computes what the xform step returns: the
-update and the batch's loss (averaged over micro-batches). Also: ``import xform`` time
-minus ``import torch``.
+Tiny MLP (3 layers of 32), batch 8, AdamW (foreach), one thread for every runner. Each
+xform variant is timed beside two hand-written twins that compute what its step returns
+(the update and the batch's loss, averaged over micro-batches):
 
-Run: ``.venv/bin/python bench/overhead.py`` (``--rounds 30 --steps 200``).
+- ``backward``: ``opt.zero_grad(set_to_none=True)``, ``loss.backward()``, ``opt.step()``:
+  the loop most training scripts write.
+- ``autograd.grad``: ``torch.autograd.grad(loss, params)``, the gradients set as
+  ``p.grad``, ``opt.step()``: the same math without ``zero_grad`` and without
+  accumulating into ``.grad`` (about 10% faster here). It is the cheapest honest twin, so
+  the ratio to it is what xform's step costs against what the same math can cost.
+
+Method: all three runners of a variant start from the same weights and see the same
+batch. After a warm-up of each, they run in interleaved rounds of ``--steps`` steps, the
+order rotating every round, so drift in the machine's load hits all three alike. Each
+round gives one time per runner and two paired ratios (xform / twin, both measured in the
+same round). The table gives the medians of the per-round times and, per twin, the median
+of the paired ratios with their quartiles ``[q1, q3]`` (half the rounds fall inside):
+read the spread before the median. ``max|dw|`` is the largest difference between a
+twin's weights and xform's after the same steps (0 or rounding: the same math). Also:
+``import xform`` time minus ``import torch`` (medians over fresh interpreters).
+
+Run: ``.venv/bin/python bench/overhead.py`` (``--rounds 30 --steps 200``; ``--quick``:
+3 short rounds, to check that the script runs, not for figures).
 """
 
 from __future__ import annotations
@@ -16,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +40,13 @@ import torch.nn.functional as F
 import xform as xf
 
 WIDTH, BATCH = 32, 8
+VARIANTS = (  # name, micro-batches, xform policy, autocast dtype of the twins
+    ("step", 1, "fp32", None),
+    ("mixed_precision(bf16)", 1, "bf16", torch.bfloat16),
+    ("accumulate(2)", 2, "fp32", None),
+    ("accumulate(mixed_precision(bf16), 2)", 2, "bf16", torch.bfloat16),
+)
+RUNNERS = ("xform", "backward", "autograd.grad")
 
 
 def mlp() -> torch.nn.Module:
@@ -34,7 +58,15 @@ def mlp() -> torch.nn.Module:
     )
 
 
-def hand_loop(micro: int, dtype: torch.dtype | None):
+def _forward(model: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    if dtype is None:
+        return model(x)
+    with torch.autocast("cpu", dtype=dtype):
+        return model(x)
+
+
+def backward_loop(micro: int, dtype: torch.dtype | None):
+    """The usual loop: ``zero_grad``, ``backward()`` per micro-batch, ``step``."""
     model = mlp()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
 
@@ -43,18 +75,39 @@ def hand_loop(micro: int, dtype: torch.dtype | None):
         opt.zero_grad(set_to_none=True)
         total = None
         for xs, ys in zip(x.chunk(micro), y.chunk(micro)):
-            if dtype is None:
-                out = model(xs)
-            else:
-                with torch.autocast("cpu", dtype=dtype):
-                    out = model(xs)
-            loss = F.mse_loss(out.float(), ys)
-            (loss / micro).backward()
+            loss = F.mse_loss(_forward(model, xs, dtype).float(), ys)
+            (loss / micro if micro > 1 else loss).backward()
             total = loss.detach() if total is None else total + loss.detach()
         opt.step()
         return total / micro if micro > 1 else total  # the loss a training loop logs, as xform's metrics
 
-    return run
+    return run, model.parameters
+
+
+def grad_loop(micro: int, dtype: torch.dtype | None):
+    """The same math through ``torch.autograd.grad``: no ``zero_grad``, no accumulation
+    into ``.grad`` inside the backward pass; the gradients are handed to the optimizer."""
+    model = mlp()
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-3, foreach=True)
+
+    def run(batch):
+        x, y = batch
+        total = grads = None
+        for xs, ys in zip(x.chunk(micro), y.chunk(micro)):
+            loss = F.mse_loss(_forward(model, xs, dtype).float(), ys)
+            g = torch.autograd.grad(loss / micro if micro > 1 else loss, params)
+            if grads is None:
+                grads = list(g)
+            else:
+                torch._foreach_add_(grads, g)
+            total = loss.detach() if total is None else total + loss.detach()
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt.step()
+        return total / micro if micro > 1 else total
+
+    return run, model.parameters
 
 
 def xform_loop(micro: int, policy: str):
@@ -74,14 +127,46 @@ def xform_loop(micro: int, policy: str):
     def run(batch):
         box[0], _ = step(box[0], batch)
 
-    return run
+    return run, lambda: box[0].params.values()
 
 
-def time_steps(run, batch, steps: int) -> float:
+def time_steps(run: Callable, batch, steps: int) -> float:
     start = time.perf_counter()
     for _ in range(steps):
         run(batch)
     return (time.perf_counter() - start) / steps
+
+
+def quartiles(xs: list[float]) -> tuple[float, float, float]:
+    """(q1, median, q3); with one value, that value three times."""
+    if len(xs) < 2:
+        return xs[0], xs[0], xs[0]
+    q1, q2, q3 = statistics.quantiles(xs, n=4, method="inclusive")
+    return q1, q2, q3
+
+
+def measure(micro: int, policy: str, dtype: torch.dtype | None, rounds: int, steps: int, warmup: int, batch) -> dict:
+    """Per-round seconds per step of each runner (interleaved, rotating order), the paired
+    ratios xform / twin, and each twin's weight difference from xform's at the end."""
+    runners = {
+        "xform": xform_loop(micro, policy),
+        "backward": backward_loop(micro, dtype),
+        "autograd.grad": grad_loop(micro, dtype),
+    }
+    for run, _ in runners.values():
+        for _ in range(warmup):
+            run(batch)
+    times: dict[str, list[float]] = {n: [] for n in RUNNERS}
+    for r in range(rounds):
+        k = r % len(RUNNERS)
+        for n in RUNNERS[k:] + RUNNERS[:k]:  # rotate who goes first
+            times[n].append(time_steps(runners[n][0], batch, steps))
+    ref = [p.detach() for p in runners["xform"][1]()]
+    diff = {
+        n: max(float((p.detach() - q).abs().max()) for p, q in zip(runners[n][1](), ref)) for n in RUNNERS[1:]
+    }
+    ratios = {n: [a / b for a, b in zip(times["xform"], times[n])] for n in RUNNERS[1:]}
+    return {"times": times, "ratios": ratios, "diff": diff}
 
 
 def import_time(module: str) -> float:
@@ -89,34 +174,43 @@ def import_time(module: str) -> float:
     return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
 
 
+def _q(xs: list[float]) -> str:
+    q1, q2, q3 = quartiles(xs)
+    return f"{q2:5.3f} [{q1:5.3f}, {q3:5.3f}]"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=30, help="interleaved rounds")
+    parser.add_argument("--steps", type=int, default=200, help="steps per round and runner")
+    parser.add_argument("--warmup", type=int, default=50, help="steps of each runner before timing")
     parser.add_argument("--imports", type=int, default=5, help="runs of each import timing")
+    parser.add_argument("--quick", action="store_true", help="3 rounds of 20 steps, 1 import run: checks the script runs")
     args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.steps, args.warmup, args.imports = 3, 20, 5, 1
     torch.set_num_threads(1)
     batch = (torch.randn(BATCH, WIDTH), torch.randn(BATCH, WIDTH))
-    variants = [
-        ("step", 1, "fp32", None),
-        ("mixed_precision(bf16)", 1, "bf16", torch.bfloat16),
-        ("accumulate(2)", 2, "fp32", None),
-        ("accumulate(mixed_precision(bf16), 2)", 2, "bf16", torch.bfloat16),
-    ]
-    print(f"MLP 3x{WIDTH}, batch {BATCH}, AdamW foreach, 1 thread; {args.rounds} rounds x {args.steps} steps, medians")
-    print(f"{'variant':40s} {'hand (us)':>10s} {'xform (us)':>11s} {'ratio':>7s}")
-    for name, micro, policy, dtype in variants:
-        hand, ours = hand_loop(micro, dtype), xform_loop(micro, policy)
-        for run in (hand, ours):  # warm up
-            time_steps(run, batch, 50)
-        h, x = [], []
-        for _ in range(args.rounds):
-            h.append(time_steps(hand, batch, args.steps))
-            x.append(time_steps(ours, batch, args.steps))
-        mh, mx = statistics.median(h), statistics.median(x)
-        print(f"{name:40s} {mh * 1e6:10.1f} {mx * 1e6:11.1f} {mx / mh:7.3f}")
+    print(
+        f"MLP 3x{WIDTH}, batch {BATCH}, AdamW foreach, 1 thread; {args.rounds} interleaved rounds x "
+        f"{args.steps} steps after {args.warmup} warm-up steps each"
+    )
+    print(f"{'variant':38s} {'runner':14s} {'median us':>9s} {'q1 us':>7s} {'q3 us':>7s}  {'max|dw|':>7s}")
+    results = {}
+    for name, micro, policy, dtype in VARIANTS:
+        res = results[name] = measure(micro, policy, dtype, args.rounds, args.steps, args.warmup, batch)
+        for n in RUNNERS:
+            q1, q2, q3 = quartiles(res["times"][n])
+            dw = f"{res['diff'][n]:7.1e}" if n in res["diff"] else f"{'-':>7s}"
+            print(f"{name:38s} {n:14s} {q2 * 1e6:9.1f} {q1 * 1e6:7.1f} {q3 * 1e6:7.1f}  {dw}")
     t_torch = statistics.median(import_time("torch") for _ in range(args.imports))
     t_xform = statistics.median(import_time("xform") for _ in range(args.imports))
+
+    print("\n== overhead: xform step / hand-written twin, median [q1, q3] of the paired per-round ratios ==")
+    print(f"{'variant':38s} {'xform us':>8s} {'/ backward()':>22s} {'/ autograd.grad':>22s}")
+    for name, res in results.items():
+        us = statistics.median(res["times"]["xform"]) * 1e6
+        print(f"{name:38s} {us:8.1f} {_q(res['ratios']['backward']):>22s} {_q(res['ratios']['autograd.grad']):>22s}")
     print(f"import torch {t_torch:.3f} s; import xform {t_xform:.3f} s; xform adds {t_xform - t_torch:+.3f} s")
 
 
