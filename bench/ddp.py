@@ -6,9 +6,11 @@ store, one thread each). The model is an MLP of 2.1M parameters (512-1024-1024-5
 of fp32 gradients, so communication matters), batch 32 per process, AdamW (foreach), MSE
 loss. Every variant starts from the same weights and sees the same data; inside the same
 processes the variants run in interleaved rounds of ``--steps`` steps (the order reverses
-every round). A round's time is the slower rank's; the table gives medians over rounds and
-the median of the per-round ratios to DDP's default (paired: both ran back to back). The
-machine is shared, so single rounds are noisy: read the medians.
+every round), after ``--warmup`` steps of each. A round's time is the slower rank's. Each
+round gives a paired ratio of two variants (both ran back to back, so drift in the load
+hits both): the tables give the median of the paired ratios with their quartiles
+``[q1, q3]`` (half the rounds fall inside) and their range, beside the medians of the
+per-round times. Single rounds are noisy: read the spread before the median.
 
 Variants: DDP with its default buckets (25 MB, the first one 1 MB) and with
 ``bucket_cap_mb=2``; xform with ``Replicate(bucket_mb=25)`` (its default) and 2. The last
@@ -30,6 +32,7 @@ C++ reducer) dominates the communication.
 Run: ``.venv/bin/python bench/ddp.py`` (``--rounds 20 --steps 10``; ``--dims``,
 ``--buckets``, ``--ddp-buckets``, ``--accumulate 4``; ``--no-timing``, ``--no-counts``;
 ``--profile`` prints a cProfile of DDP's and xform's steps on rank 0). About a minute.
+``--quick``: 3 rounds of 2 steps, to check that the script runs, not for figures.
 """
 
 from __future__ import annotations
@@ -239,6 +242,19 @@ def _mb(text: str) -> float | None:
     return None if text == "default" else float(text)
 
 
+def quartiles(xs: list[float]) -> tuple[float, float, float]:
+    """(q1, median, q3); with one value, that value three times."""
+    if len(xs) < 2:
+        return xs[0], xs[0], xs[0]
+    q1, q2, q3 = statistics.quantiles(xs, n=4, method="inclusive")
+    return q1, q2, q3
+
+
+def _spread(xs: list[float]) -> str:
+    q1, q2, q3 = quartiles(xs)
+    return f"{q2:.3f} [{q1:.3f}, {q3:.3f}] range {min(xs):.3f}-{max(xs):.3f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=20, help="interleaved rounds (median over them)")
@@ -254,13 +270,17 @@ def main() -> None:
     parser.add_argument("--no-timing", action="store_true")
     parser.add_argument("--no-counts", action="store_true")
     parser.add_argument("--profile", action="store_true", help="cProfile DDP's and xform's steps on rank 0")
+    parser.add_argument("--quick", action="store_true", help="3 rounds of 2 steps: checks the script runs")
     args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.steps, args.warmup = 3, 2, 1
     torch.set_num_threads(1)
 
     from xform.distributed.procs import ProcessPool
 
     dims = parse_dims(args.dims)
     n_params = sum(p.numel() for p in mlp(dims).parameters())
+    summary: list[str] = []
     with ProcessPool(2, timeout_s=600) as pool:
         if not args.no_timing:
             variants = [("ddp", _mb(b)) for b in args.ddp_buckets.split(",")]
@@ -270,27 +290,30 @@ def main() -> None:
                 f"{n_params * 4 / 2**20:.1f} MiB of fp32 grads), "
                 f"batch {BATCH}/process, AdamW foreach, 2 gloo processes x 1 thread"
             )
-            print(f"{args.rounds} interleaved rounds x {args.steps} steps; medians of per-round ms/step (slower rank)")
+            print(
+                f"{args.rounds} interleaved rounds x {args.steps} steps after {args.warmup} warm-up steps; "
+                "per-round ms/step of the slower rank"
+            )
             res = pool.run(time_worker, args.rounds, args.steps, args.warmup, variants, dims)
             names = list(res[0]["times"])
             per_round = {n: [max(r["times"][n][i] for r in res) for i in range(args.rounds)] for n in names}
             ref = names[0]
-            base = statistics.median(per_round[ref])
-            print(f"{'variant':18s} {'median ms':>9s} {'min ms':>7s} {'/' + ref:>12s} {'paired':>7s}  {'max|w-w0|':>9s}  buckets (MB)")
+            print(f"{'variant':18s} {'median ms':>9s} {'q1 ms':>7s} {'q3 ms':>7s}  {'paired / ' + ref + ': median [q1, q3] range':>45s}  {'max|w-w0|':>9s}  buckets (MB)")
             for n in names:
-                med = statistics.median(per_round[n])
-                paired = statistics.median(a / b for a, b in zip(per_round[n], per_round[ref]))
+                q1, med, q3 = quartiles(per_round[n])
+                paired = [a / b for a, b in zip(per_round[n], per_round[ref])]
                 print(
-                    f"{n:18s} {med * 1e3:9.2f} {min(per_round[n]) * 1e3:7.2f} {med / base:12.3f} {paired:7.3f}  "
+                    f"{n:18s} {med * 1e3:9.2f} {q1 * 1e3:7.2f} {q3 * 1e3:7.2f}  {_spread(paired):>45s}  "
                     f"{res[0]['diff'][n]:9.1e}  {res[0]['layout'][n]}"
                 )
             pairs = [("defaults", "ddp default", "xform 25 MB")]  # xform's default: Replicate(bucket_mb=25)
             pairs += [("same bucket size", d, "xform" + d[3:]) for d in names if d.startswith("ddp") and d != "ddp default"]
+            summary.append(f"shard(step, 'replicate') / DistributedDataParallel, {args.rounds} paired rounds:")
+            summary.append(f"  {'pair':46s} {'median [q1, q3] of the paired ratios, range':>45s}")
             for what, d, x in pairs:
                 if d in per_round and x in per_round:
-                    ratio = statistics.median(per_round[x]) / statistics.median(per_round[d])
-                    paired = statistics.median(a / b for a, b in zip(per_round[x], per_round[d]))
-                    print(f"{what}: {x} / {d} = {ratio:.3f} (median of the paired per-round ratios {paired:.3f})")
+                    paired = [a / b for a, b in zip(per_round[x], per_round[d])]
+                    summary.append(f"  {what + ': ' + x + ' / ' + d:46s} {_spread(paired):>45s}")
         if args.profile:
             for kind, mb in (("ddp", None), ("xform", 25.0)):
                 print(f"--- cProfile, rank 0, 50 steps of {_name(kind, mb)}")
@@ -298,6 +321,8 @@ def main() -> None:
         if not args.no_counts:
             k = args.accumulate
             print(f"\ncollectives per micro-batch of xf.shard(xf.accumulate(step, {k}), strategy), 2 processes, 2nd step, rank 0:")
+            summary.append(f"collectives of xf.shard(xf.accumulate(step, {k}), strategy), 2nd step, rank 0:")
+            summary.append(f"  {'strategy':9s} {f'mb0-mb{k - 2} (sum)':>18s} {f'mb{k - 1}':>16s} {'after':>6s}")
             for strategy in ("replicate", "zero1", "zero2", "zero3"):
                 per_rank = pool.run(count_worker, strategy, k)
                 r = per_rank[0]
@@ -305,6 +330,12 @@ def main() -> None:
                     print(f"  (the ranks differ: {per_rank})")
                 cells = "  ".join(f"mb{i}: {_fmt(c)}" for i, c in enumerate(r["micro"]))
                 print(f"{strategy:9s} {cells}  after: {_fmt(r['after'])}")
+                early = sum(sum(c.values()) for c in r["micro"][:-1])
+                last = sum(r["micro"][-1].values()) if r["micro"] else 0
+                summary.append(f"  {strategy:9s} {early:18d} {last:16d} {sum(r['after'].values()):6d}")
+    if summary:
+        print("\n== ddp: summary ==")
+        print("\n".join(summary))
 
 
 if __name__ == "__main__":
