@@ -385,3 +385,106 @@ def test_a_dead_or_hung_peer_fails_rank_0_within_the_timeout(tmp_path):
                 if p.poll() is None:
                     p.kill()
                 p.communicate()
+
+
+PEER_IN_STEP = textwrap.dedent(
+    """
+    import os, sys, time, torch, torch.nn.functional as F
+    import xform as xf
+    import xform.distributed as D
+    mode, store, rank = sys.argv[1], sys.argv[2], int(os.environ["RANK"])
+    open(f"{store}.ready{rank}", "w").close()      # imports done: start the 3 s clock together
+    while not all(os.path.exists(f"{store}.ready{r}") for r in "01"):
+        time.sleep(0.01)
+    D.initialize(init_method=f"file://{store}", timeout=3)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
+
+    seen = {}
+
+    def fail_here(where, state):
+        seen[state.step, where] = n = seen.get((state.step, where), 0) + 1
+        last = where == "count"  # the count is reduced once, after the last of 2 micro-batches
+        if rank == 1 and state.step == 2 and mode.endswith(where) and n == (2 if last else 1):
+            if mode.startswith("hung"):
+                time.sleep(120)                       # alive, never reaches the collective
+            os._exit(0)                               # dead: its sockets close
+
+    def step(state, batch):
+        def loss_fn(params):
+            out = xf.apply(state, params, batch["x"])
+            out.register_hook(lambda g: fail_here("backward", state))
+            return xf.Mean(F.mse_loss(out, batch["y"], reduction="sum"), batch["x"].shape[0])
+
+        fail_here("forward", state)
+        loss, grads = xf.value_and_grad(loss_fn)(state.params)
+        fail_here("count", state)
+        return state.apply_gradients(grads), {"loss": loss}
+
+    strategy = mode.split("-")[1]
+    s = xf.shard(xf.accumulate(step, 2), strategy)
+    state = s.init(xf.TrainState.create(model, optimizer=torch.optim.SGD, lr=0.1))
+    for i in range(4):
+        start = time.monotonic()
+        try:
+            state, _ = s(state, {"x": torch.randn(4, 5), "y": torch.randn(4, 3)})
+        except Exception as e:
+            print(f"{time.monotonic() - start:.2f}")
+            print(type(e).__name__, type(e.__cause__).__name__)
+            print(e, flush=True)
+            os._exit(3)
+    D.shutdown()
+    """
+)
+
+
+def test_a_dead_or_hung_peer_inside_a_step_is_a_distributed_error(tmp_path):
+    """Bug: rank 1 dying inside a step surfaced on rank 0 as gloo's raw 'RuntimeError:
+    [.../pair.cc:537] Read error ...: Connection reset by peer', not the documented
+    xf.DistributedError. Rank 1 exits (or hangs) at step 2 in the backward pass of
+    replicate (the gradient all-reduce), before the forward of zero3 (the FSDP
+    all-gather), and between the backward and apply_gradients of zero3 (the item count
+    reduction); rank 0 (timeout=3 s) must raise xf.DistributedError naming rank 1, the
+    step and the phase, within the timeout, with torch's error as __cause__."""
+    script = tmp_path / "peer_in_step.py"
+    script.write_text(PEER_IN_STEP)
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
+    phases = {
+        "dead-replicate-backward": "in the backward pass (xf.value_and_grad)",
+        "dead-zero3-forward": "in the forward pass (xf.apply), at distributed_c10d.all_gather",
+        "dead-zero3-count": "in the gradient reduction (state.apply_gradients), at distributed_c10d.all_reduce",
+        "hung-replicate-forward": "in the backward pass (xf.value_and_grad)",
+    }
+    procs = {
+        mode: [
+            subprocess.Popen(
+                [sys.executable, str(script), mode, str(tmp_path / f"store-{mode}")],
+                env={**env, "RANK": str(r), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"},
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            )
+            for r in range(2)
+        ]
+        for mode in phases
+    }  # fmt: skip
+    try:
+        for mode, (rank0, rank1) in procs.items():
+            out, err = rank0.communicate(timeout=90)
+            assert rank0.returncode == 3, f"{mode}: rank 0 exited {rank0.returncode}\n{out}\n{err}"
+            elapsed, types, message = out.split("\n", 2)
+            assert types == "DistributedError RuntimeError", f"{mode}: {types}\n{message}"
+            assert message.startswith("shard: a collective failed on rank 0 of 2 at state.step=2, "), message
+            assert phases[mode] in message, f"{mode}: {message}"
+            assert "The peer, rank 1, exited or did not reach the collective within 3 s" in message
+            assert "xf.distributed.initialize(timeout=...)" in message and "\n" not in message.strip()
+            if mode.startswith("dead"):
+                assert float(elapsed) < 4.5, f"{mode}: {elapsed} s\n{message}"  # at once, or by the timeout
+                assert "by peer" in message, message
+            else:
+                assert 2.5 < float(elapsed) < 8, f"{mode}: {elapsed} s\n{message}"
+                assert "Timed out" in message, message
+    finally:
+        for pair in procs.values():
+            for p in pair:
+                if p.poll() is None:
+                    p.kill()
+                p.communicate()

@@ -26,11 +26,14 @@ import contextvars
 import fractions
 import functools
 import math
+import re
 from typing import TYPE_CHECKING, Any, Callable
 
+import optree
 import torch
 
 from xform.core.mean import Mean
+from xform.tree import NAMESPACE
 
 if TYPE_CHECKING:
     from xform.core.state import TrainState
@@ -276,10 +279,80 @@ def _apply_base(state: "TrainState", params, args, kwargs):
         if params is state.params:
             rt.bind(state)
             return rt.module(*args, **kwargs)
+        _check_params(state, params)
         return torch.func.functional_call(rt.module, {**state.buffers, **params}, args, kwargs, strict=False)
+    except RuntimeError as e:  # only now, never on the happy path: was it the inputs' dtype?
+        mismatch = _dtype_mismatch(e, params, args, kwargs)
+        if mismatch is None:
+            raise
+        raise mismatch from e
     finally:
         if saved is not None:
             gen.set_state(saved)
+
+
+def _check_params(state: "TrainState", params: Any) -> None:
+    """Params handed to ``apply`` that are not the state's own must fit its module: known
+    names, tensors, the same shapes (functional_call would ignore an unknown name and
+    use the module's own tensor, and broadcast or reshape its way past another model's)."""
+    if not isinstance(params, dict):
+        raise TypeError(
+            f"xf.apply: params must be a dict of name to tensor (state.params), got {type(params).__name__}"
+        )
+    own = state.params
+    for name, t in params.items():
+        ref = own.get(name)
+        if ref is None:
+            ref = state.buffers.get(name)
+            if ref is None:
+                raise ValueError(
+                    f"xf.apply: params[{name!r}] is not a parameter of the model; pass params of this model "
+                    f"(state.params, or a dict with its names, e.g. {next(iter(own), '')!r})"
+                )
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"xf.apply: params[{name!r}] must be a tensor, got {type(t).__name__}")
+        if t.shape != ref.shape:
+            raise ValueError(
+                f"xf.apply: params[{name!r}] has shape {tuple(t.shape)} but the model's {name} has shape "
+                f"{tuple(ref.shape)}; pass params of this model (state.params, or a dict with the same names "
+                "and shapes)"
+            )
+
+
+_ABOUT_TYPES = re.compile(r"dtype|scalar type|\btype\b|\b(?:long|int|double|float|half|bfloat16)\b", re.IGNORECASE)
+
+
+def _dtype_mismatch(e: RuntimeError, params: Any, args: Any, kwargs: Any) -> TypeError | None:
+    """A ``TypeError`` naming the first input whose dtype differs from the params' when
+    that explains ``e`` (the module call failed); None otherwise. A floating input of
+    another floating dtype always does; an integer input only when torch's message is
+    about types (an int64 input is right for an embedding)."""
+    dtypes = {t.dtype for t in params.values() if isinstance(t, torch.Tensor) and t.is_floating_point()}
+    if not dtypes:
+        return None
+    want = next(iter(dtypes)) if len(dtypes) == 1 else None
+    about_types = _ABOUT_TYPES.search(str(e)) is not None
+    for where, x in _inputs(args, kwargs):
+        if x.dtype in dtypes or x.is_complex():
+            continue
+        if x.is_floating_point() or (about_types and not x.is_floating_point() and x.dtype != torch.bool):
+            model = want if want is not None else sorted(map(str, dtypes))
+            cast = want if want is not None else "the params' dtype"
+            return TypeError(
+                f"xf.apply: input {where} is a {x.dtype} tensor but the model's params are {model}; cast the "
+                f"batch (x.to({cast})) or run the step under xf.mixed_precision"
+            )
+    return None
+
+
+def _inputs(args: Any, kwargs: Any):
+    """``(where, tensor)`` for the tensors among the module's inputs, as ``args[0]``,
+    ``kwargs['x']``, ``args[0]['ids']``."""
+    for root, tree_ in (("args", args), ("kwargs", kwargs)):
+        paths, leaves, _ = optree.tree_flatten_with_path(tree_, namespace=NAMESPACE)
+        for path, leaf in zip(paths, leaves):
+            if isinstance(leaf, torch.Tensor):
+                yield root + "".join(f"[{k!r}]" for k in path), leaf
 
 
 # --- value_and_grad ---------------------------------------------------------------------

@@ -10,9 +10,11 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable, Protocol
 
+from xform.core.primitives import handlers
 from xform.core.state import TrainState
+from xform.distributed.runtime import step_failure
 
-__all__ = ["Step", "TransformedStep", "init_of", "wrap"]
+__all__ = ["Step", "TransformedStep", "check_result", "init_of", "wrap"]
 
 
 class Step(Protocol):
@@ -38,18 +40,70 @@ def check_step(api: str, step: Any) -> None:
         raise TypeError(f"{api}: expected a step function step(state, batch) -> (state, metrics), got {step!r}")
 
 
+def check_result(api: str, out: Any) -> Any:
+    """``out`` when it is a ``(state, metrics)`` pair whose state is a ``TrainState``;
+    otherwise an error naming ``api``. An isinstance and a len check: no pytree walk."""
+    if isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[0], TrainState):
+        return out
+    raise _bad_result(api, out)
+
+
+def _bad_result(api: str, out: Any) -> Exception:
+    head = f"{api}: the step returned"
+    if not isinstance(out, (tuple, list)):
+        return TypeError(
+            f"{head} a {type(out).__name__}, not a (state, metrics) pair; "
+            "return state.apply_gradients(grads), metrics"
+        )
+    if len(out) != 2:
+        return ValueError(
+            f"{head} a {type(out).__name__} of {len(out)} values; a step returns (state, metrics): "
+            "put extra outputs in the metrics"
+        )
+    got = f"({type(out[0]).__name__}, {type(out[1]).__name__})"
+    if isinstance(out[1], TrainState):
+        return TypeError(f"{head} {got}; a step returns (state, metrics), state first")
+    return TypeError(
+        f"{head} {got}; a step returns (state, metrics) whose state is the TrainState from "
+        "state.apply_gradients(grads)"
+    )
+
+
 def wrap(
     step: Callable[..., Any],
     call: Callable[[TrainState, Any], tuple[TrainState, Any]],
     init: Callable[[TrainState], TrainState],
+    *,
+    api: str | None = None,
     **attrs: Any,
 ) -> TransformedStep:
-    """``call`` under ``step``'s name and docs, with ``init`` run after the inner one's."""
+    """``call`` under ``step``'s name and docs, with ``init`` run after the inner one's.
+
+    The transformed step checks what ``call`` returns (``check_result``), and turns a
+    failed collective inside it (a dead or hung peer) into an ``xf.DistributedError``
+    naming the rank, the step and the phase. ``api`` names the transform in errors; by
+    default the last entry of ``xform_transforms``.
+    """
     inner_init = init_of(step)
+    names = attrs.get("xform_transforms") or (getattr(step, "__name__", "step"),)
+    if api is None:
+        api = names[-1]
+    comm_api = "shard" if "shard" in names else api  # the transform whose collectives can fail
 
     @functools.wraps(step)
     def transformed(state: TrainState, batch: Any):
-        return call(state, batch)
+        try:
+            out = call(state, batch)
+        except RuntimeError as e:
+            if handlers():  # nested in another transformed step: the outermost one explains it
+                raise
+            failure = step_failure(comm_api, e, state)
+            if failure is None:
+                raise
+            raise failure from e
+        if isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], TrainState):
+            return out
+        return check_result(api, out)
 
     transformed.init = lambda state: init(inner_init(state))  # type: ignore[attr-defined]
     for k, v in attrs.items():

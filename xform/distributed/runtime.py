@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import warnings
 from typing import Any
 
@@ -26,6 +27,7 @@ __all__ = [
     "rank",
     "runtime",
     "shutdown",
+    "step_failure",
     "world_size",
 ]
 
@@ -128,6 +130,103 @@ def _derive(group: Any) -> Runtime:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+# --- failures inside a step ---------------------------------------------------------------
+
+# Lower-case fragments of the messages gloo and NCCL give when a peer died, hung past the
+# timeout or the network failed (torch raises them as plain RuntimeErrors).
+_PEER_FAILURE_SIGNS = (
+    "connection reset by peer",
+    "connection closed by peer",
+    "connection refused",
+    "broken pipe",
+    "timed out waiting",
+    "gloo/transport",
+    "processgroupgloo",
+    "processgroupnccl",
+    "nccl error",
+    "ncclremoteerror",
+    "remote process",
+    "watchdog caught collective operation timeout",
+)
+# What each primitive of a step does, for the phase a collective failed in.
+_PHASES = {
+    "apply": "the forward pass (xf.apply)",
+    "value_and_grad": "the backward pass (xf.value_and_grad)",
+    "objective": "the loss (xf.value_and_grad)",
+    "apply_gradients": "the gradient reduction (state.apply_gradients)",
+    "update": "the optimizer update (state.apply_gradients)",
+}
+_RANK_IN_MESSAGE = re.compile(r"\brank\s*[:=#]?\s*(\d+)", re.IGNORECASE)
+
+
+def _is_peer_failure(e: BaseException) -> bool:
+    if isinstance(e, DistributedError):
+        return False  # already explained (a collective of xf.distributed called in the step)
+    backend_error = getattr(dist, "DistBackendError", None)
+    if backend_error is not None and isinstance(e, backend_error):
+        return True
+    text = str(e).lower()
+    return any(sign in text for sign in _PEER_FAILURE_SIGNS)
+
+
+def step_failure(api: str, e: BaseException, state: Any) -> DistributedError | None:
+    """The ``DistributedError`` for a collective that failed inside a transformed step
+    (a peer died or hung: the gradient all-reduce, the FSDP all-gather, the item count
+    reduction), or None when ``e`` is not that, or no process group exists.
+
+    It names this rank, the rank that failed where torch says (or the only peer, in a
+    group of two), the step (``state.step``) and the phase: the primitive that was
+    running and the innermost communication frame. Called only once a step has raised:
+    nothing of this runs on the happy path.
+    """
+    if not _group_up() or not _is_peer_failure(e):
+        return None
+    rt = runtime()
+    try:
+        at = f" at state.step={state.step}"
+    except Exception:  # noqa: BLE001 - a donated state: the step is unknown, not an error of its own
+        at = ""
+    limit = f"{rt.timeout.total_seconds():g} s" if rt.timeout is not None else "the group's timeout"
+    return DistributedError(
+        f"{api}: a collective failed on rank {rt.rank} of {rt.world_size}{at}, in {_phase(e)}: "
+        f"{_gist(e)}. {_culprit(e, rt)} exited or did not reach the collective within {limit}; its "
+        "own output shows why. If a rank is legitimately slow (e.g. saving a checkpoint), raise the "
+        "timeout: xf.distributed.initialize(timeout=...) or `xform launch --timeout S`"
+    )
+
+
+def _culprit(e: BaseException, rt: Runtime) -> str:
+    others = {int(m) for m in _RANK_IN_MESSAGE.findall(str(e))} - {rt.rank}
+    if len(others) == 1:
+        return f"Rank {others.pop()} (named by torch)"
+    if rt.world_size == 2:
+        return f"The peer, rank {1 - rt.rank},"
+    return "A peer process (torch did not say which rank)"
+
+
+def _phase(e: BaseException) -> str:
+    """The primitive that was running (the innermost ``dispatch`` frame) and the innermost
+    frame of communication code (torch.distributed or a backend), read off the traceback."""
+    primitive = where = None
+    tb = e.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        path = code.co_filename.replace(os.sep, "/")
+        if code.co_name == "dispatch" and path.endswith("xform/core/primitives.py"):
+            primitive = tb.tb_frame.f_locals.get("name", primitive)
+        if "/torch/distributed/" in path or "/backends/" in path:
+            where = f"{os.path.splitext(os.path.basename(path))[0]}.{code.co_name}"
+        tb = tb.tb_next
+    phase = _PHASES.get(primitive, "the step") if primitive else "the step"
+    return f"{phase}, at {where}" if where else phase
+
+
+def _gist(e: BaseException) -> str:
+    """Torch's first line without gloo's source location and boilerplate advice."""
+    text = re.sub(r"^\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", _first_line(e))
+    return text.split(". This is typically", 1)[0].rstrip(". ")
 
 
 # --- initialize / shutdown ------------------------------------------------------------------

@@ -18,7 +18,7 @@ from xform import tree
 from xform.core.mean import Mean
 from xform.core.primitives import Reducer, handlers, installed, rng_guard, rng_salt
 from xform.core.state import TrainState
-from xform.core.transform import check_step, wrap
+from xform.core.transform import check_result, check_step, wrap
 
 __all__ = ["accumulate", "split_batch", "combine_metrics"]
 
@@ -104,7 +104,9 @@ def accumulate(step: Callable[..., Any], steps: int):
         step: a step ``step(state, batch) -> (state, metrics)`` that calls
             ``apply_gradients`` once.
         steps: the number of micro-batches; the batch's leading dimension must be a
-            multiple of it. Leaves that are not tensors are passed to every micro-batch.
+            multiple of it. Tensors and numpy arrays are split along dim 0, lists of
+            per-example items (strings, token ids) into slices; scalars and strings are
+            passed to every micro-batch; anything else is refused (``split_batch``).
 
     ``accumulate(step, 1) is step``.
 
@@ -134,7 +136,7 @@ def accumulate(step: Callable[..., Any], steps: int):
             for i, micro_batch in enumerate(micro_batches):
                 handler.micro, handler.calls = i, 0
                 with rng_salt(i):
-                    state, m = step(state, micro_batch)
+                    state, m = check_result("accumulate", step(state, micro_batch))
                 if handler.calls != 1:
                     raise RuntimeError(
                         f"accumulate: the step did not call state.apply_gradients on micro-batch {i}; "
@@ -151,20 +153,106 @@ def accumulate(step: Callable[..., Any], steps: int):
 
 
 def split_batch(api: str, batch: Any, k: int) -> list[Any]:
-    """Splits every tensor leaf of ``batch`` into ``k`` equal pieces along dim 0."""
+    """Splits ``batch`` into ``k`` equal micro-batches along its batch dimension.
+
+    What each leaf of the batch becomes:
+
+    - a tensor or numpy array with a dimension: split along dim 0 (views, no copies);
+      its leading size is the batch size, the same for all of them;
+    - a list or tuple holding no tensor or array (strings, token ids, ragged lists,
+      one item per example): split into slices of the same type; its length must be
+      the batch size (it gives the batch size when there is no tensor or array);
+    - a Python scalar, a string, a 0-d tensor or array, a dtype or device: not
+      per-example, passed to every micro-batch;
+    - anything else: refused (it could be per-example, and would reach every
+      micro-batch whole).
+
+    Containers that hold a tensor (a dict, a tuple ``(x, y)``, a namedtuple) are walked.
+    """
     fast = _split_flat(batch, k)
     if fast is not None:
         return fast
-    leaves, spec = optree.tree_flatten(batch, namespace=tree.NAMESPACE)
-    sizes = {t.shape[0] for t in leaves if isinstance(t, torch.Tensor) and t.dim() > 0}
-    if not sizes:
+    paths, leaves, spec = optree.tree_flatten_with_path(batch, is_leaf=_is_sequence_leaf, namespace=tree.NAMESPACE)
+    kinds = [_kind(api, path, leaf, k) for path, leaf in zip(paths, leaves)]
+    n, source = _batch_size(api, paths, leaves, kinds, k)
+    size = n // k
+    pieces = []
+    for kind, leaf in zip(kinds, leaves):
+        if kind is _TENSOR:
+            pieces.append(leaf.split(size))
+        elif kind is _SHARED:
+            pieces.append((leaf,) * k)
+        else:  # numpy arrays and sequences slice alike
+            pieces.append([leaf[i * size : (i + 1) * size] for i in range(k)])
+    return [optree.tree_unflatten(spec, [p[i] for p in pieces]) for i in range(k)]
+
+
+_TENSOR, _ARRAY, _SEQUENCE, _SHARED = "tensor", "array", "sequence", "shared"
+_SHARED_TYPES = (bool, int, float, complex, str, bytes, torch.dtype, torch.device)
+
+
+def _is_numpy(x: Any) -> bool:
+    return type(x).__module__ == "numpy" and hasattr(x, "ndim")  # numpy itself is never imported
+
+
+def _holds_arrays(x: Any) -> bool:
+    if isinstance(x, torch.Tensor) or _is_numpy(x):
+        return True
+    if isinstance(x, (list, tuple)):
+        return any(_holds_arrays(v) for v in x)
+    if isinstance(x, dict):
+        return any(_holds_arrays(v) for v in x.values())
+    return False
+
+
+def _is_sequence_leaf(x: Any) -> bool:
+    """A plain list or tuple of per-example items: split as one leaf, not walked."""
+    return type(x) in (list, tuple) and len(x) > 0 and not _holds_arrays(x)
+
+
+def _where(path: tuple[Any, ...]) -> str:
+    return "batch" + "".join(f"[{key!r}]" for key in path)
+
+
+def _kind(api: str, path: tuple[Any, ...], leaf: Any, k: int) -> str:
+    if isinstance(leaf, torch.Tensor):
+        return _TENSOR if leaf.dim() > 0 else _SHARED
+    if _is_numpy(leaf):
+        return _ARRAY if leaf.ndim > 0 else _SHARED
+    if type(leaf) in (list, tuple):
+        return _SEQUENCE
+    if isinstance(leaf, _SHARED_TYPES):
+        return _SHARED
+    raise TypeError(
+        f"{api}: {_where(path)} is of type {type(leaf).__name__}, which cannot be split into {k} "
+        "micro-batches; pass tensors, numpy arrays, or lists with one item per example"
+    )
+
+
+def _batch_size(api: str, paths, leaves, kinds, k: int) -> tuple[int, str]:
+    """The leading size of the batch, read from its first tensor (else numpy array, else
+    list), and that leaf; an error naming the first leaf that disagrees."""
+    by_kind: dict[str, list[tuple[Any, Any, str]]] = {_TENSOR: [], _ARRAY: [], _SEQUENCE: []}
+    for path, leaf, kind in zip(paths, leaves, kinds):
+        if kind is not _SHARED:
+            by_kind[kind].append((path, leaf, kind))
+    ordered = by_kind[_TENSOR] + by_kind[_ARRAY] + by_kind[_SEQUENCE]
+    if not ordered:
         raise ValueError(f"{api}: the batch has no tensor with a batch dimension to split into {k} pieces")
-    if len(sizes) > 1:
+    n, source = len(ordered[0][1]), _where(ordered[0][0])
+    for path, leaf, kind in ordered:
+        if len(leaf) == n:
+            continue
+        if kind is _SEQUENCE:
+            raise ValueError(
+                f"{api}: {_where(path)} is a {type(leaf).__name__} of {len(leaf)} items but the batch size is {n}; "
+                f"give it one item per example (it is split into {k} micro-batches), or pass values shared by "
+                "all examples outside the batch"
+            )
         raise ValueError(
-            f"{api}: the batch's tensors have different leading sizes {sorted(sizes)}; every tensor "
-            "in a batch needs the same batch dimension"
+            f"{api}: {_where(path)} has leading size {len(leaf)} but the batch size is {n} (from {source}); "
+            "every tensor in a batch needs the same batch dimension"
         )
-    n = sizes.pop()
     if n % k:
         bigger = (n // k + 1) * k
         divisors = [d for d in range(1, n + 1) if n % d == 0]
@@ -172,11 +260,7 @@ def split_batch(api: str, batch: Any, k: int) -> list[Any]:
         raise ValueError(
             f"{api}: batch size {n} is not divisible by steps={k}; pass a batch of {bigger} or use steps={closest}"
         )
-    size = n // k
-    pieces = [
-        t.split(size) if isinstance(t, torch.Tensor) and t.dim() > 0 else (t,) * k for t in leaves
-    ]
-    return [optree.tree_unflatten(spec, [p[i] for p in pieces]) for i in range(k)]
+    return n, source
 
 
 def _split_flat(batch: Any, k: int) -> list[Any] | None:
