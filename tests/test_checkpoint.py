@@ -9,7 +9,9 @@ import pytest
 import torch
 import torch.nn as nn
 
+import checkpoint_support as cs
 import xform as xf
+from xform.checkpoint import CheckpointError
 from xform.testing import assert_resume_equivalent, assert_states_close
 
 from _util import batch, init, make_state, mlp, run, snapshot, step
@@ -157,9 +159,104 @@ def test_load_never_unpickles_code(tmp_path):
     tensors = torch.load(path / "tensors.pt", weights_only=True)
     marker = tmp_path / "code-ran"
     torch.save({**tensors, "evil": Payload(marker)}, path / "tensors.pt")
-    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
-        xf.load(path, like=make_state())
+    message = load_error(path)
     assert not marker.exists()
+    assert "tensors.pt" in message and "io.open" in message and "refusing" in message, message
+
+
+# --- integrity and clear errors (issue 7) ---------------------------------------------------
+
+
+def load_error(path, like=None, error=CheckpointError) -> str:
+    """The one-line error of loading ``path``, which must name the checkpoint."""
+    with pytest.raises(error) as info:
+        xf.load(path, like=like if like is not None else make_state())
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message, message
+    return message
+
+
+def rewrite_tensors(path, **changes):
+    tensors = torch.load(path / "tensors.pt", weights_only=True)
+    torch.save({**tensors, **changes}, path / "tensors.pt")
+
+
+def test_a_flipped_bit_in_the_tensor_file_is_detected_and_named(tmp_path):
+    """Catches: a corrupted tensors.pt loading silently with wrong values."""
+    state = trained(n=2)
+    path = xf.save(state, tmp_path / "c")
+    cs.flip_byte_of(path / "tensors.pt", state.params["2.weight"])
+    message = load_error(path)
+    assert "tensors.pt" in message and "params['2.weight']" in message and "checksum" in message, message
+
+
+def test_a_tensor_of_another_shape_is_refused_not_broadcast(tmp_path):
+    """Catches: ``copy_`` broadcasting a shape-(1,) tensor into the (3,) bias."""
+    path = xf.save(make_state(), tmp_path / "c")
+    rewrite_tensors(path, **{"params['2.bias']": torch.ones(1)})
+    message = load_error(path)
+    assert "tensors.pt" in message and "params['2.bias']" in message and "[1]" in message and "[3]" in message, message
+
+
+def test_a_tensor_of_another_dtype_is_refused_not_converted(tmp_path):
+    """Catches: ``copy_`` silently converting an int64 weight to float32."""
+    path = xf.save(make_state(), tmp_path / "c")
+    rewrite_tensors(path, **{"params['0.weight']": torch.ones(8, 4, dtype=torch.int64)})
+    message = load_error(path)
+    assert "params['0.weight']" in message and "int64" in message and "float32" in message, message
+
+
+@pytest.mark.parametrize(
+    "field, value, says",
+    [
+        ("step", "ten", "'step' must be an int"),
+        ("step", True, "'step' must be an int"),
+        ("layout", "zip", "'layout' must be 'single' or 'dcp'"),
+        ("leaves", {"a": 1}, "'leaves' must be a list"),
+    ],
+)
+def test_meta_json_fields_are_validated_by_type(tmp_path, field, value, says):
+    """Catches: ``"step": "ten"`` (and other ill-typed fields) accepted by xf.load."""
+    path = xf.save(make_state(), tmp_path / "c")
+    meta = json.loads((path / "meta.json").read_text())
+    meta[field] = value
+    (path / "meta.json").write_text(json.dumps(meta))
+    message = load_error(path)
+    assert "meta.json" in message and says in message, message
+
+
+def test_a_leaf_value_of_another_type_is_refused(tmp_path):
+    path = xf.save(make_state(), tmp_path / "c")
+    meta = json.loads((path / "meta.json").read_text())
+    entry = next(e for e in meta["leaves"] if e["path"] == "data['consumed']")
+    entry["value"] = "3"
+    (path / "meta.json").write_text(json.dumps(meta))
+    message = load_error(path)
+    assert "meta.json" in message and "data['consumed']" in message, message
+
+
+@pytest.mark.parametrize(
+    "damage, says",
+    [
+        (lambda p: (p / "tensors.pt").write_bytes(b""), "empty"),
+        (lambda p: (p / "tensors.pt").write_bytes((p / "tensors.pt").read_bytes()[:300]), "tensors.pt"),
+        (lambda p: (p / "tensors.pt").unlink(), "missing"),
+        (lambda p: (p / "meta.json").write_text('{"format": "xform-checkpoint-'), "not valid JSON"),
+        (lambda p: (p / "meta.json").write_text("[1, 2]"), "must be a JSON object"),
+    ],
+    ids=["empty-tensors", "truncated-tensors", "missing-tensors", "truncated-meta", "meta-not-an-object"],
+)
+def test_every_load_failure_is_one_line_naming_path_file_and_cause(tmp_path, damage, says):
+    """Catches: torch's bare ``EOFError`` for a 0-byte file, a bare ``JSONDecodeError``, ..."""
+    path = xf.save(make_state(), tmp_path / "c")
+    damage(path)
+    message = load_error(path)
+    assert says in message and ("tensors.pt" in message or "meta.json" in message), message
+
+
+def test_structure_mismatches_are_checkpoint_errors(tmp_path):
+    path = xf.save(make_state(), tmp_path / "c")
+    assert "params['0.weight']" in load_error(path, like=make_state(sizes=(5, 8, 3)))
 
 
 # --- atomic saves ---------------------------------------------------------------------------

@@ -1,14 +1,17 @@
 """Checkpoints: a ``TrainState`` serialized, atomically, without pickled code.
 
 Two layouts of one format (``meta.json`` holds the tree: paths, kinds, global shapes,
-dtypes and the non-tensor leaves):
+dtypes, the non-tensor leaves and a checksum of every stored tensor):
 
 - one process: the tensors in ``tensors.pt``, read back with ``weights_only=True``;
 - several processes: ``torch.distributed.checkpoint`` (DCP) files, each process writing
-  its shards; DCP's metadata is read with an unpickler that admits only DCP's own
-  metadata classes. Loading reshards: a checkpoint of any world size and strategy loads
-  into a state laid out for any other (2 -> 1, 1 -> 2, zero3 -> replicate).
+  its shards. DCP's metadata (a pickle) is read with an unpickler that admits an explicit
+  list of DCP's own classes, and must agree with ``meta.json``; each process verifies
+  the checksums of the bytes it reads. Loading reshards: a checkpoint of any world size
+  and strategy loads into a state laid out for any other (2 -> 1, 1 -> 2, zero3 ->
+  replicate).
 
+What a checkpoint guarantees, and the tests that prove it: docs/checkpoints.md.
 Several processes need a file system they all see (the usual case for checkpoints).
 """
 
@@ -17,11 +20,13 @@ from __future__ import annotations
 import functools
 import io
 import json
+import math
 import os
 import pickle
 import re
 import shutil
 import uuid
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +37,55 @@ from xform.core.optim import is_dtensor
 from xform.core.state import TrainState
 from xform.tree import NAMESPACE, path_str
 
-__all__ = ["save", "load", "CheckpointManager", "PendingSave"]
+__all__ = ["save", "load", "CheckpointManager", "PendingSave", "CheckpointError"]
 
-_FORMAT = "xform-checkpoint-1"
+_FORMAT = "xform-checkpoint-2"
+_FORMATS = ("xform-checkpoint-1", _FORMAT)  # 1: written before checksums; loads unverified
 _TENSORS = "tensors.pt"
 _META = "meta.json"
 _DCP = "dcp"
+_DCP_META = f"{_DCP}/.metadata"
 _PY = (bool, int, float, str, type(None))
+_KINDS = {"bool": bool, "int": int, "float": float, "str": str, "NoneType": type(None)}
+# crc32 (zlib, in every Python): ~3.4 GB/s here against ~1 GB/s for sha256. It guards
+# against corruption (bad disks, cut copies), which is what a checksum stored beside the
+# data can do: whoever can rewrite the files can rewrite meta.json too, so a
+# cryptographic hash would add cost, not safety (safety is "no code", by construction).
+_CHECKSUM = "crc32"
+_BLOCK = 16 << 20
+# Names this process's temporary directories: a save removes what interrupted saves left
+# beside its path, never what this process is still writing (an async save in flight).
+_TOKEN = uuid.uuid4().hex[:8]
+
+
+def _own() -> str:
+    """This process's mark (a forked child is another process)."""
+    return f"{_TOKEN}{os.getpid():x}"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded: a missing, truncated or corrupt file (checksum
+    mismatch), content that disagrees with its metadata or with ``like``, or content
+    xform never writes (pickled code). The message is one line naming the checkpoint, the
+    file and the cause."""
+
+
+def _fail(path: Path, file: str, cause: str) -> CheckpointError:
+    return CheckpointError(_one_line(f"xf.load: cannot load the checkpoint at {path}: {file}: {cause}"))
+
+
+def _one_line(text: str) -> str:
+    return re.sub(r"\s*\n\s*", " ", text).strip()
+
+
+def _cause(e: BaseException) -> str:
+    """A library's exception in a few words: its type and first sentence."""
+    text = str(e).strip()
+    refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if refused:
+        return f"it refers to {refused.group(1)}, which is not a tensor; refusing to unpickle it"
+    first = re.split(r"(?<=\.)\s|\n", text, maxsplit=1)[0] if text else "(no message)"
+    return f"{type(e).__name__}: {first}"
 
 
 def _dist() -> tuple[int, int]:
@@ -65,6 +112,60 @@ def _describe(leaf: Any) -> dict[str, Any]:
         f"xf.save: cannot store a leaf of type {type(leaf).__name__}; state leaves must be tensors "
         "or bool/int/float/str/None"
     )
+
+
+# --- checksums ------------------------------------------------------------------------------
+
+
+def _crc_tensor(t: torch.Tensor) -> str:
+    """The crc32 of a tensor's bytes (its elements in row-major order)."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    data = t.reshape(-1).contiguous().view(torch.uint8).numpy()
+    return f"{zlib.crc32(data) & 0xFFFFFFFF:08x}"
+
+
+def _crc_range(f: Any, offset: int, length: int) -> str:
+    f.seek(offset)
+    crc, left = 0, length
+    while left:
+        block = f.read(min(left, _BLOCK))
+        if not block:
+            break
+        crc, left = zlib.crc32(block, crc), left - len(block)
+    return f"{crc & 0xFFFFFFFF:08x}"
+
+
+def _write_single(tensors: dict[str, torch.Tensor], file: Path) -> dict[str, Any]:
+    torch.save(tensors, file)
+    return {"algorithm": _CHECKSUM, "tensors": {p: _crc_tensor(t) for p, t in tensors.items()}}
+
+
+def _dcp_checksums(directory: Path, rank: int, world: int) -> dict[str, Any]:
+    """The checksum of every stored chunk of a DCP checkpoint just written: each process
+    hashes the chunks of every ``world``-th file (read back from the shared file system),
+    and all of them get the whole list."""
+    metadata = _unpickle_dcp_metadata(directory / ".metadata")
+    chunks = sorted({(i.relative_path, i.offset, i.length, k.fqn) for k, i in metadata.storage_data.items()})
+    files = sorted({c[0] for c in chunks})[rank::world]
+    mine = []
+    for name in files:
+        with open(directory / name, "rb") as f:
+            for file, offset, length, fqn in chunks:
+                if file == name:
+                    digest = _crc_range(f, offset, length)
+                    mine.append({"tensor": fqn, "file": file, "offset": offset, "length": length, "crc32": digest})
+    if world > 1:
+        import torch.distributed as dist
+
+        everyone: list[Any] = [None] * world
+        dist.all_gather_object(everyone, mine)
+        mine = [c for part in everyone for c in part]
+    return {"algorithm": _CHECKSUM, "chunks": sorted(mine, key=lambda c: (c["file"], c["offset"]))}
+
+
+# --- save -----------------------------------------------------------------------------------
 
 
 def _fsync(path: Path) -> None:
@@ -103,11 +204,13 @@ def save(state: TrainState, path: str | os.PathLike, *, async_save: bool = False
     """Writes ``state`` to the directory ``path``, atomically.
 
     Everything in the state is saved: params, buffers, optimizer state, each transform's
-    state (loss scale, ...), the RNG key, the data position and the step. The files are
-    written to a temporary directory beside ``path``, fsynced, and renamed into place; a
-    previous checkpoint at ``path`` is kept as ``path.prev`` until the new one is in
-    place, so an interrupted save never loses the last good checkpoint. Under several
-    processes every process must call ``save`` (each writes its shards).
+    state (loss scale, ...), the RNG key, the data position and the step, with a crc32
+    checksum of every tensor (every stored chunk, sharded). The files are written to a
+    temporary directory beside ``path``, fsynced, and renamed into place; a previous
+    checkpoint at ``path`` is kept as ``path.prev`` until the new one is in place, so an
+    interrupted save never loses the last good checkpoint, and the temporary directories
+    that interrupted saves to ``path`` left behind are removed. Under several processes
+    every process must call ``save`` (each writes its shards).
 
     Args:
         state: the state to save.
@@ -130,6 +233,7 @@ def save(state: TrainState, path: str | os.PathLike, *, async_save: bool = False
             tensors[p] = leaf.detach()
     tmp = _shared_tmp(path, rank, world)
     future = None
+    written: list[dict[str, Any]] = []
     groups: list[Any] = []
     try:
         if distributed:
@@ -152,10 +256,10 @@ def save(state: TrainState, path: str | os.PathLike, *, async_save: bool = False
                 import concurrent.futures
 
                 pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-                future = pool.submit(torch.save, tensors, tmp / _TENSORS)
+                future = pool.submit(_write_single, tensors, tmp / _TENSORS)
                 pool.shutdown(wait=False)
             else:
-                torch.save(tensors, tmp / _TENSORS)
+                written.append(_write_single(tensors, tmp / _TENSORS))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -163,6 +267,10 @@ def save(state: TrainState, path: str | os.PathLike, *, async_save: bool = False
     def finish() -> Path:
         try:
             _barrier(world)
+            if distributed:
+                meta["checksums"] = _dcp_checksums(tmp / _DCP, rank, world)
+            elif rank == 0:
+                meta["checksums"] = written[0] if written else future.result()
             if rank == 0:
                 (tmp / _META).write_text(json.dumps(meta, indent=1))
                 _fsync_tree(tmp)
@@ -185,8 +293,9 @@ def save(state: TrainState, path: str | os.PathLike, *, async_save: bool = False
 
 
 def _shared_tmp(path: Path, rank: int, world: int) -> Path:
-    """A temporary directory beside ``path``, the same on every process."""
-    name = [f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"]
+    """A temporary directory beside ``path``, the same on every process. Rank 0 first
+    removes what interrupted saves to ``path`` left there."""
+    name = [f".{path.name}.tmp-{_own()}-{uuid.uuid4().hex[:8]}"]
     if world > 1:
         import torch.distributed as dist
 
@@ -194,9 +303,35 @@ def _shared_tmp(path: Path, rank: int, world: int) -> Path:
     tmp = path.parent / name[0]
     if rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
+        prefixes = tuple(f".{path.name}{s}" for s in (".tmp-", ".trash-", ".prev.trash-"))
+        _remove_garbage(path.parent, lambda n: n.startswith(prefixes))
         tmp.mkdir()
     _barrier(world)
     return tmp
+
+
+def _remove_garbage(directory: Path, is_garbage) -> None:
+    """Deletes the temporary and half-deleted directories ``is_garbage`` names, except
+    this process's own temporary directories (an async save may be writing one)."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return
+    for name in names:
+        if is_garbage(name) and f".tmp-{_own()}-" not in name:
+            shutil.rmtree(directory / name, ignore_errors=True)
+
+
+def _discard(p: Path) -> None:
+    """Deletes directory ``p`` so that it is never seen half deleted: renamed to a garbage
+    name first (atomic), then deleted; a kill in between leaves garbage that the next save
+    or ``CheckpointManager`` removes, never a listed but unloadable checkpoint."""
+    trash = p.with_name(f".{p.name}.trash-{_own()}-{uuid.uuid4().hex[:8]}")
+    try:
+        os.rename(p, trash)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _barrier(world: int) -> None:
@@ -210,7 +345,7 @@ def _swap_into_place(tmp: Path, path: Path) -> None:
     prev = path.with_name(path.name + ".prev")
     if path.exists():
         if prev.exists():
-            shutil.rmtree(prev)
+            _discard(prev)
         os.rename(path, prev)
     try:
         os.rename(tmp, path)
@@ -220,7 +355,10 @@ def _swap_into_place(tmp: Path, path: Path) -> None:
         raise
     _fsync(path.parent)
     if prev.exists():
-        shutil.rmtree(prev)
+        _discard(prev)
+
+
+# --- load -----------------------------------------------------------------------------------
 
 
 def load(path: str | os.PathLike, *, like: TrainState) -> TrainState:
@@ -229,7 +367,9 @@ def load(path: str | os.PathLike, *, like: TrainState) -> TrainState:
     ``like`` is a state built the same way (same module, optimizer and transforms, e.g.
     ``step.init(TrainState.create(...))``): it gives the structure, the static parts, the
     devices and the sharding; the checkpoint may come from another number of processes
-    or another strategy. Tensors are read without unpickling code.
+    or another strategy. Tensors are read without unpickling code, each checked against
+    its checksum, and must have exactly ``like``'s shapes and dtypes (nothing is
+    broadcast or converted).
 
     ``like`` stays valid, except when its params are sharded (DTensors, which FSDP and
     tensor parallelism keep registered in the module): those are loaded in place and
@@ -237,8 +377,10 @@ def load(path: str | os.PathLike, *, like: TrainState) -> TrainState:
 
     Raises:
         FileNotFoundError: no checkpoint at ``path``.
-        ValueError: the checkpoint's tree, shapes or dtypes differ from ``like``'s; the
-            message names the first path that differs.
+        CheckpointError: (a ``ValueError``) a file is missing, truncated, corrupt or holds
+            what xform never writes, or the checkpoint's tree, shapes or dtypes differ
+            from ``like``'s; one line naming the checkpoint, the file (or the first path
+            that differs) and the cause.
     """
     path = Path(path)
     if not (path / _META).exists():
@@ -249,19 +391,21 @@ def load(path: str | os.PathLike, *, like: TrainState) -> TrainState:
                 f"interrupted); load that path"
             )
         raise FileNotFoundError(f"xf.load: no checkpoint at {path} (no {_META} in it)")
-    meta = json.loads((path / _META).read_text())
-    if meta.get("format") != _FORMAT:
-        raise ValueError(f"xf.load: {path} is not an xform checkpoint (format {meta.get('format')!r})")
+    meta = _read_meta(path)
     paths, like_leaves, spec = _entries(like)
     saved = {e["path"]: e for e in meta["leaves"]}
     saved_paths = [e["path"] for e in meta["leaves"]]
     if saved_paths != paths:
-        first = next((a for a, b in zip(paths, saved_paths) if a != b), None)
-        if first is None:
-            longer = paths if len(paths) > len(saved_paths) else saved_paths
-            first = longer[min(len(paths), len(saved_paths))]
-        where = "only in `like`" if first not in saved else ("only in the checkpoint" if first not in paths else "in another place")
-        raise ValueError(
+        in_like = set(paths)
+        only_like = next((i for i, p in enumerate(paths) if p not in saved), None)
+        only_ckpt = next((i for i, p in enumerate(saved_paths) if p not in in_like), None)
+        if only_like is not None and (only_ckpt is None or only_like <= only_ckpt):
+            first, where = paths[only_like], "only in `like`"
+        elif only_ckpt is not None:
+            first, where = saved_paths[only_ckpt], "only in the checkpoint"
+        else:
+            first, where = next(a for a, b in zip(paths, saved_paths) if a != b), "in another place"
+        raise CheckpointError(
             f"xf.load: the checkpoint at {path} does not have the structure of `like`: the first path that "
             f"differs is {first} ({where}); build `like` with the same module, optimizer and transforms "
             "(state = step.init(TrainState.create(...)))"
@@ -271,17 +415,18 @@ def load(path: str | os.PathLike, *, like: TrainState) -> TrainState:
         if entry["kind"] != want["kind"] or entry.get("dtype") != want.get("dtype") or entry.get("shape") != want.get("shape"):
             got = {k: v for k, v in entry.items() if k in ("kind", "dtype", "shape")}
             exp = {k: v for k, v in want.items() if k in ("kind", "dtype", "shape")}
-            raise ValueError(f"xf.load: the checkpoint at {path} differs from `like` at {p}: checkpoint {got}, like {exp}")
+            raise CheckpointError(f"xf.load: the checkpoint at {path} differs from `like` at {p}: checkpoint {got}, like {exp}")
     in_place = any(is_dtensor(t) for t in like.params.values())
     targets = {
         p: (ref.detach() if in_place and p.startswith("params") else _empty_like(ref))
         for p, ref in zip(paths, like_leaves)
         if isinstance(ref, torch.Tensor)
     }
-    if meta.get("layout") == "dcp":
-        _read_dcp(path / _DCP, targets)
+    checksums = meta.get("checksums")
+    if meta["layout"] == "dcp":
+        _read_dcp(path, targets, checksums)
     else:
-        _read_single(path / _TENSORS, targets)
+        _read_single(path, targets, checksums)
     leaves = []
     for p, ref in zip(paths, like_leaves):
         if isinstance(ref, torch.Tensor):
@@ -297,13 +442,116 @@ def load(path: str | os.PathLike, *, like: TrainState) -> TrainState:
     return out
 
 
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+_HEX8 = re.compile(r"[0-9a-f]{8}")
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    """``meta.json``, every field checked by type."""
+    try:
+        meta = json.loads((path / _META).read_text())
+    except json.JSONDecodeError as e:
+        raise _fail(path, _META, f"not valid JSON ({e})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise _fail(path, _META, _cause(e)) from None
+    if not isinstance(meta, dict):
+        raise _fail(path, _META, f"must be a JSON object, got a {type(meta).__name__}")
+    if meta.get("format") not in _FORMATS:
+        raise CheckpointError(f"xf.load: {path} is not an xform checkpoint (format {meta.get('format')!r})")
+
+    def bad(field: str, want: str, got: Any) -> CheckpointError:
+        return _fail(path, _META, f"field {field!r} must be {want}, got {got!r}")
+
+    if meta.get("layout") not in ("single", "dcp"):
+        raise bad("layout", "'single' or 'dcp'", meta.get("layout"))
+    if not _is_int(meta.get("step")) or meta["step"] < 0:
+        raise bad("step", "an int >= 0", meta.get("step"))
+    leaves = meta.get("leaves")
+    if not isinstance(leaves, list):
+        raise bad("leaves", "a list", leaves)
+    seen = set()
+    for i, e in enumerate(leaves):
+        if not isinstance(e, dict) or not isinstance(e.get("path"), str) or e["path"] in seen:
+            raise bad(f"leaves[{i}]", "an object with a 'path' of its own", e)
+        seen.add(e["path"])
+        kind = e.get("kind")
+        if kind == "tensor":
+            if not isinstance(e.get("dtype"), str) or not isinstance(getattr(torch, e["dtype"], None), torch.dtype):
+                raise bad(f"leaves[{i}] ({e['path']}) 'dtype'", "a torch dtype name", e.get("dtype"))
+            shape = e.get("shape")
+            if not isinstance(shape, list) or not all(_is_int(n) and n >= 0 for n in shape):
+                raise bad(f"leaves[{i}] ({e['path']}) 'shape'", "a list of ints >= 0", shape)
+        elif kind in _KINDS:
+            if type(e.get("value")) is not _KINDS[kind] or "value" not in e:
+                raise bad(f"leaves[{i}] ({e['path']}) 'value'", f"a {kind} (its kind)", e.get("value"))
+        else:
+            raise bad(f"leaves[{i}] ({e['path']}) 'kind'", f"'tensor' or one of {sorted(_KINDS)}", kind)
+    step_leaf = next((e for e in leaves if e["path"] == "step"), None)
+    if step_leaf is not None and step_leaf.get("value") != meta["step"]:
+        raise bad("step", f"the step leaf's value {step_leaf.get('value')!r}", meta["step"])
+    if meta["format"] != _FORMAT:
+        return meta  # written before checksums: nothing to verify
+    sums = meta.get("checksums")
+    if not isinstance(sums, dict) or sums.get("algorithm") != _CHECKSUM:
+        raise bad("checksums", f"an object with 'algorithm': {_CHECKSUM!r}", sums)
+    tensor_paths = {e["path"] for e in leaves if e["kind"] == "tensor"}
+    if meta["layout"] == "single":
+        table = sums.get("tensors")
+        if not isinstance(table, dict) or set(table) != tensor_paths or not all(
+            isinstance(v, str) and _HEX8.fullmatch(v) for v in table.values()
+        ):
+            raise bad("checksums.tensors", "one crc32 (8 hex digits) per tensor leaf", table)
+    else:
+        chunks = sums.get("chunks")
+        ok = isinstance(chunks, list) and all(
+            isinstance(c, dict)
+            and c.get("tensor") in tensor_paths
+            and isinstance(c.get("file"), str)
+            and _is_int(c.get("offset"))
+            and _is_int(c.get("length"))
+            and isinstance(c.get("crc32"), str)
+            and _HEX8.fullmatch(c["crc32"])
+            for c in chunks
+        )
+        if not ok:
+            raise bad("checksums.chunks", "a list of {tensor, file, offset, length, crc32}", chunks)
+    return meta
+
+
 def _empty_like(t: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return torch.empty_like(t.detach())
 
 
-def _read_single(file: Path, targets: dict[str, torch.Tensor]) -> None:
-    tensors = torch.load(file, weights_only=True, map_location="cpu")
+def _read_single(path: Path, targets: dict[str, torch.Tensor], checksums: dict[str, Any] | None) -> None:
+    file = path / _TENSORS
+    try:
+        size = file.stat().st_size
+    except FileNotFoundError:
+        raise _fail(path, _TENSORS, "the file is missing") from None
+    if size == 0:
+        raise _fail(path, _TENSORS, "the file is empty (0 bytes): it was not written completely")
+    try:
+        tensors = torch.load(file, weights_only=True, map_location="cpu")
+    except Exception as e:  # noqa: BLE001 - torch's many ways to say "corrupt", made one
+        raise _fail(path, _TENSORS, _cause(e)) from None
+    if not isinstance(tensors, dict) or set(tensors) != set(targets):
+        names = sorted(tensors) if isinstance(tensors, dict) else type(tensors).__name__
+        raise _fail(path, _TENSORS, f"holds {str(names)[:200]}, not the {len(targets)} tensors meta.json lists")
+    sums = None if checksums is None else checksums["tensors"]
+    for p, t in targets.items():  # verify everything before writing into any target
+        src = tensors[p]
+        if not isinstance(src, torch.Tensor) or src.dtype != t.dtype or src.shape != t.shape:
+            got = f"{src.dtype} {list(src.shape)}" if isinstance(src, torch.Tensor) else type(src).__name__
+            raise _fail(
+                path, _TENSORS,
+                f"tensor {p} is {got}, but meta.json and `like` say {t.dtype} {list(t.shape)} (nothing is broadcast or converted)",
+            )
+        if sums is not None and (got := _crc_tensor(src)) != sums[p]:
+            raise _fail(path, _TENSORS, f"tensor {p} fails its checksum ({_CHECKSUM} {got}, recorded {sums[p]}): the file is corrupt")
     with torch.no_grad():
         for p, t in targets.items():
             src = tensors[p]
@@ -314,66 +562,221 @@ def _read_single(file: Path, targets: dict[str, torch.Tensor]) -> None:
             t.copy_(src)
 
 
-def _read_dcp(directory: Path, targets: dict[str, torch.Tensor]) -> None:
-    import torch.distributed.checkpoint as dcp
-
+def _read_dcp(path: Path, targets: dict[str, torch.Tensor], checksums: dict[str, Any] | None) -> None:
     import warnings
 
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    directory = path / _DCP
+    try:
+        metadata = _unpickle_dcp_metadata(directory / ".metadata")
+    except FileNotFoundError:
+        raise _fail(path, _DCP_META, "the file is missing") from None
+    except _Refused as e:
+        raise _fail(path, _DCP_META, str(e)) from None
+    except Exception as e:  # noqa: BLE001 - whatever a damaged pickle raises
+        raise _fail(path, _DCP_META, f"not DCP metadata ({_cause(e)})") from None
+    chunks = None
+    if checksums is not None:
+        chunks = {(c["file"], c["offset"], c["length"]): (c["tensor"], c["crc32"]) for c in checksums["chunks"]}
+    _check_dcp_metadata(path, metadata, targets, chunks)
     _, world = _dist()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
-        dcp.load(targets, storage_reader=_safe_reader_class()(str(directory)), no_dist=world == 1)
+    reader = _safe_reader_class()(str(directory), metadata, chunks, path)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+            dcp.load(targets, storage_reader=reader, no_dist=world == 1)
+    except CheckpointException as e:
+        rank, failure = min(e.failures.items(), key=lambda kv: kv[0])
+        exc = failure[0] if isinstance(failure, tuple) else getattr(failure, "exc", failure)
+        who = f" (read by rank {rank})" if world > 1 else ""
+        if isinstance(exc, CheckpointError):
+            raise CheckpointError(f"{exc}{who}") from None
+        raise _fail(path, _DCP, f"DCP failed{who}: {_cause(exc)}") from None
 
 
-# DCP pickles its metadata; read it admitting only the classes that metadata is made of.
-_ALLOWED_MODULES = (
-    "torch.distributed.checkpoint.metadata",
-    "torch.distributed.checkpoint.filesystem",
-    "torch.distributed.checkpoint.planner",
-    "torch.distributed.checkpoint._hf_utils",
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def _check_dcp_metadata(path: Path, md: Any, targets: dict[str, torch.Tensor], chunks: dict | None) -> None:
+    """DCP's metadata must describe exactly the tensors of meta.json (and ``like``), with
+    their shapes and dtypes, stored in files of the checkpoint at the byte ranges whose
+    checksums meta.json records; anything else (e.g. pickled bytes) is refused."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (
+        BytesStorageMetadata,
+        ChunkStorageMetadata,
+        Metadata,
+        MetadataIndex,
+        TensorProperties,
+        TensorStorageMetadata,
+    )
+
+    def bad(cause: str) -> CheckpointError:
+        return _fail(path, _DCP_META, cause)
+
+    if type(md) is not Metadata or type(md.state_dict_metadata) is not dict or type(md.storage_data) is not dict:
+        raise bad(f"holds a {type(md).__name__}, not DCP metadata")
+    entries = md.state_dict_metadata
+    if set(entries) != set(targets):
+        extra, missing = sorted(set(entries) - set(targets)), sorted(set(targets) - set(entries))
+        raise bad(f"lists tensors {extra[:3]} that meta.json does not, and lacks {missing[:3]} that it does")
+    for fqn, t in targets.items():
+        e = entries[fqn]
+        if type(e) is BytesStorageMetadata:
+            raise bad(
+                f"stores {fqn} as BytesStorageMetadata (a pickle, which DCP would unpickle with "
+                "weights_only=False); xform never writes those: refusing the checkpoint"
+            )
+        if type(e) is not TensorStorageMetadata or type(e.properties) is not TensorProperties or type(e.size) is not torch.Size:
+            raise bad(f"the entry of {fqn} is a {type(e).__name__}, not a tensor's")
+        if e.properties.dtype != t.dtype or list(e.size) != list(t.shape):
+            raise bad(f"declares {fqn} as {e.properties.dtype} {list(e.size)}, but meta.json says {t.dtype} {list(t.shape)}")
+        volume = 0
+        for c in e.chunks if isinstance(e.chunks, list) else [None]:
+            if (
+                type(c) is not ChunkStorageMetadata
+                or type(c.offsets) is not torch.Size
+                or type(c.sizes) is not torch.Size
+                or not len(c.offsets) == len(c.sizes) == t.dim()
+                or not all(0 <= o and o + n <= d for o, n, d in zip(c.offsets, c.sizes, t.shape))
+            ):
+                raise bad(f"a chunk of {fqn} is not a block inside its shape {list(t.shape)}: {c}")
+            if MetadataIndex(fqn, c.offsets) not in md.storage_data:
+                raise bad(f"has no storage for the chunk of {fqn} at {list(c.offsets)}")
+            volume += math.prod(c.sizes)
+        if volume != t.numel():
+            raise bad(f"the chunks of {fqn} hold {volume} elements, not its {t.numel()}")
+    for index, info in md.storage_data.items():
+        if type(index) is not MetadataIndex or index.fqn not in targets or type(info) is not _StorageInfo:
+            raise bad(f"holds storage for {getattr(index, 'fqn', index)!r}, which is not a tensor of the checkpoint")
+        name = info.relative_path
+        if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name):
+            raise bad(f"places {index.fqn} in {name!r}, which is not a file of the checkpoint's {_DCP} directory")
+        if not _is_int(info.offset) or not _is_int(info.length) or info.offset < 0 or info.length < 0:
+            raise bad(f"places {index.fqn} at bytes {info.offset!r}..+{info.length!r}")
+        if getattr(info, "transform_descriptors", None):
+            raise bad(f"stores {index.fqn} through transforms {info.transform_descriptors!r}, which xform never writes")
+        if chunks is not None and chunks.get((name, info.offset, info.length), (None,))[0] != index.fqn:
+            raise bad(
+                f"places {index.fqn} at {_DCP}/{name} bytes {info.offset}..{info.offset + info.length}, "
+                "where meta.json records no checksum of it"
+            )
+
+
+def _verify_reads(directory: Path, storage_data: dict, items: list, chunks: dict | None, checkpoint: Path) -> None:
+    """Checks the bytes this process is about to read: there (not truncated) and, with
+    checksums, equal to what was written."""
+    per_file: dict[str, dict[tuple, str]] = {}
+    for item in items:
+        info = storage_data[item.storage_index]
+        per_file.setdefault(info.relative_path, {})[(info.relative_path, info.offset, info.length)] = item.storage_index.fqn
+    for name, keys in sorted(per_file.items()):
+        file = f"{_DCP}/{name}"
+        try:
+            f = open(directory / name, "rb")
+        except FileNotFoundError:
+            raise _fail(checkpoint, file, "the file is missing") from None
+        with f:
+            size = os.fstat(f.fileno()).st_size
+            for key, fqn in sorted(keys.items()):
+                _, offset, length = key
+                if offset + length > size:
+                    raise _fail(
+                        checkpoint, file,
+                        f"the file is truncated: tensor {fqn} is stored at bytes {offset}..{offset + length}, the file has {size}",
+                    )
+                if chunks is not None and (got := _crc_range(f, offset, length)) != (want := chunks[key][1]):
+                    raise _fail(
+                        checkpoint, file,
+                        f"tensor {fqn} (bytes {offset}..{offset + length}) fails its checksum ({_CHECKSUM} {got}, "
+                        f"recorded {want}): the file is corrupt",
+                    )
+
+
+# DCP pickles its metadata. It is read admitting these classes only, by (module, name):
+# never a whole module, never a dotted name (which would walk attributes, e.g. to `os`).
+_DCP_CLASSES = frozenset(
+    [("torch.distributed.checkpoint.metadata", n) for n in (
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "TensorProperties",
+        "ChunkStorageMetadata", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING",
+    )]
+    + [("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+       ("torch.serialization", "_get_layout"), ("collections", "OrderedDict")]
+    + [("pathlib", n) for n in ("PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath")]
 )
-_ALLOWED = {("torch", "Size"), ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
-            ("builtins", "slice"), ("torch", "device"), ("torch.serialization", "_get_layout"),
-            ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath")}
+
+
+@functools.cache
+def _dtype_names() -> frozenset[str]:
+    return frozenset(n for n, v in vars(torch).items() if isinstance(v, torch.dtype))
+
+
+class _Refused(pickle.UnpicklingError):
+    pass
 
 
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
-        if (
-            module in _ALLOWED_MODULES
-            or (module, name) in _ALLOWED
-            or (module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)))
-        ):
+        if "." not in name and ((module, name) in _DCP_CLASSES or (module == "torch" and name in _dtype_names())):
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(
-            f"xf.load: the checkpoint's DCP metadata refers to {module}.{name}, which is not part of "
-            "DCP metadata; refusing to unpickle it"
+        raise _Refused(
+            f"it refers to {module}.{name}, which is not one of the classes DCP metadata is made of; "
+            "refusing to unpickle it"
         )
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise _Refused("it holds a persistent reference, which DCP metadata never does; refusing to unpickle it")
+
+
+def _unpickle_dcp_metadata(file: Path) -> Any:
+    return _MetadataUnpickler(io.BytesIO(file.read_bytes())).load()
 
 
 @functools.cache
 def _safe_reader_class():
-    """DCP's file reader, reading the metadata with ``_MetadataUnpickler`` (made once, on
-    first use, so that ``import xform`` does not import DCP)."""
+    """DCP's file reader over metadata ``xf.load`` has read safely and validated, checking
+    what each process reads (made once, on first use, so that ``import xform`` does not
+    import DCP)."""
     from torch.distributed.checkpoint import FileSystemReader
 
     class SafeReader(FileSystemReader):
+        def __init__(self, directory: str, metadata: Any, chunks: dict | None, checkpoint: Path):
+            super().__init__(directory)
+            self._xform = (metadata, chunks, checkpoint)
+
         def read_metadata(self, *args: Any, **kwargs: Any):
             from torch.distributed.checkpoint.metadata import StorageMeta
 
-            rank = kwargs.get("rank")
-            with self.fs.create_stream(self._get_metadata_path(rank), "rb") as f:
-                metadata = _MetadataUnpickler(io.BytesIO(f.read())).load()
-            if getattr(metadata, "storage_meta", None) is None:
-                metadata.storage_meta = StorageMeta()
-            metadata.storage_meta.load_id = self.load_id
+            metadata = self._xform[0]
+            metadata.storage_meta = StorageMeta(load_id=self.load_id)
             return metadata
+
+        def read_data(self, plan: Any, planner: Any):
+            _, chunks, checkpoint = self._xform
+            _verify_reads(Path(self.path), self.storage_data, plan.items, chunks, checkpoint)
+            return super().read_data(plan, planner)
 
     return SafeReader
 
 
+# --- CheckpointManager ----------------------------------------------------------------------
+
+
+def _complete(p: Path) -> bool:
+    """A checkpoint directory with all its files (meta.json is written last)."""
+    return (p / _META).is_file() and ((p / _TENSORS).is_file() or (p / _DCP_META).is_file())
+
+
 class CheckpointManager:
     """Numbered checkpoints in one directory, keeping the last ``keep``.
+
+    Interrupted saves cost nothing: at start (and before each save) the manager removes
+    the temporary and half-deleted directories they left, and puts back a checkpoint
+    whose replacement by a save of the same step was cut off (``step_N.prev``). Old
+    checkpoints are renamed away before they are deleted, so a listed checkpoint is
+    always complete.
 
     Example:
         >>> import torch, tempfile, xform as xf
@@ -385,24 +788,48 @@ class CheckpointManager:
         0
     """
 
-    _NAME = re.compile(r"^step_(\d+)$")
+    _NAME = re.compile(r"^step_(\d+)(\.prev)?$")
+    _GARBAGE = re.compile(r"^\.step_\d+(\.prev)?\.(tmp|trash)-")
 
     def __init__(self, directory: str | os.PathLike, *, keep: int | None = 3):
         if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
             raise ValueError(f"CheckpointManager: keep must be a positive int or None (keep all), got {keep!r}")
         self.directory = Path(directory)
         self.keep = keep
+        if _dist()[0] == 0:
+            self._tidy()
+
+    def _tidy(self) -> None:
+        """Removes what interrupted saves left, and renames back a ``step_N.prev`` whose
+        ``step_N`` is gone (the save that replaced it was cut off between its renames)."""
+        _remove_garbage(self.directory, lambda n: self._GARBAGE.match(n) is not None)
+        for prev in self.directory.glob("step_*.prev") if self.directory.is_dir() else ():
+            current = prev.with_name(prev.name.removesuffix(".prev"))
+            if not self._NAME.match(current.name):
+                continue
+            try:
+                if _complete(current):
+                    _discard(prev)
+                elif _complete(prev) and not current.exists():
+                    os.rename(prev, current)
+            except FileNotFoundError:  # another process tidies too
+                pass
 
     def checkpoints(self) -> list[Path]:
-        """Complete checkpoints, oldest first."""
+        """Complete checkpoints, oldest first (a ``step_N.prev`` stands in for a missing
+        ``step_N``)."""
         if not self.directory.exists():
             return []
-        found = [
-            (int(m.group(1)), p)
-            for p in self.directory.iterdir()
-            if (m := self._NAME.match(p.name)) and (p / _META).exists()
-        ]
-        return [p for _, p in sorted(found)]
+        names = {p.name.removesuffix(".prev") for p in self.directory.iterdir() if self._NAME.match(p.name)}
+        found = []
+        for name in sorted(names, key=lambda n: int(n.removeprefix("step_"))):
+            current = self.directory / name
+            # current, prev, current: a rename of prev back to current in between is seen.
+            for p in (current, current.with_name(current.name + ".prev"), current):
+                if _complete(p):
+                    found.append(p)
+                    break
+        return found
 
     def latest(self) -> Path | None:
         found = self.checkpoints()
@@ -410,11 +837,14 @@ class CheckpointManager:
 
     def save(self, state: TrainState) -> Path:
         """Saves ``state`` as ``step_<step>`` and removes all but the newest ``keep``."""
+        rank, world = _dist()
+        if rank == 0:
+            self._tidy()
         out = save(state, self.directory / f"step_{state.step:09d}")
-        if self.keep is not None and _dist()[0] == 0:
+        if self.keep is not None and rank == 0:
             for old in self.checkpoints()[: -self.keep]:
-                shutil.rmtree(old, ignore_errors=True)
-        _barrier(_dist()[1])
+                _discard(old)
+        _barrier(world)
         return out
 
     def restore(self, *, like: TrainState) -> TrainState | None:
