@@ -232,3 +232,73 @@ def test_other_errors_of_the_module_pass_through_unchanged():
         xf.apply(state, state.params, torch.zeros(8, 5))
     emb = xf.TrainState.create(torch.nn.Embedding(5, 2), optimizer=torch.optim.SGD, lr=0.1)
     assert xf.apply(emb, emb.params, torch.tensor([1, 2])).shape == (2, 2)  # int64 ids are fine
+
+
+# --- misuses found along the way ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(TRANSFORMS))
+def test_a_transformed_step_names_a_state_that_is_not_a_trainstate(name):
+    """Bug: "'Sequential' object has no attribute '_spec'" (accumulate) or "'dict' object
+    has no attribute 'params'" from deep inside, for a module or the batch passed first."""
+    s = TRANSFORMS[name](step)
+    state = getattr(s, "init", lambda x: x)(make_state())
+    with pytest.raises(TypeError, match=(
+        rf"^{name}: expected a TrainState as the first argument, got Sequential; call step\(state, batch\)"
+    )):  # fmt: skip
+        s(state.module, batch())
+    with pytest.raises(TypeError, match=rf"^{name}: expected a TrainState as the first argument, got dict"):
+        s(batch(), state)
+
+
+def test_apply_names_a_state_that_is_not_a_trainstate():
+    """Bug: "'Sequential' object has no attribute '_runtime'"."""
+    state = make_state()
+    with pytest.raises(TypeError, match=(
+        r"^xf.apply: expected a TrainState as the first argument, got Sequential; call xf.apply\(state, params, \*inputs\)$"
+    )):  # fmt: skip
+        xf.apply(state.module, state.params, batch()["x"])
+
+
+def test_a_loss_that_does_not_depend_on_the_params_is_named():
+    """Bug: torch's 'element 0 of tensors does not require grad and does not have a
+    grad_fn' for a detached loss or one computed without the params."""
+    state = make_state()
+    x = batch()["x"]
+    match = (
+        r"^xf.value_and_grad: the loss does not depend on the params \(it has no grad_fn\); compute it from "
+        r"the params the loss function receives, e.g. xf.apply\(state, params, x\), without .detach\(\) or "
+        r"torch.no_grad\(\)$"
+    )
+    with pytest.raises(ValueError, match=match):
+        xf.value_and_grad(lambda p: xf.apply(state, p, x).sum().detach())(state.params)
+    with pytest.raises(ValueError, match=match):
+        xf.value_and_grad(lambda p: torch.tensor(1.0))(state.params)
+
+
+def test_params_that_do_not_require_grad_are_named():
+    """Bug: torch's '`inputs` argument to `grad()` cannot be empty'."""
+    state = make_state()
+    frozen = {k: v.detach() for k, v in state.params.items()}
+    with pytest.raises(ValueError, match=(
+        r"^xf.value_and_grad: none of the 4 params requires grad \(e.g. '0.weight'\); pass state.params, whose "
+        r"trainable tensors do"
+    )):  # fmt: skip
+        xf.value_and_grad(lambda p: xf.apply(state, p, batch()["x"]).sum())(frozen)
+
+
+def test_metrics_that_differ_between_micro_batches_are_named():
+    """Bug: optree's 'dictionary key mismatch; expected key(s): ...' without saying which
+    transform or micro-batch."""
+    calls = []
+
+    def varying(state, b):
+        new, metrics = step(state, b)
+        calls.append(None)
+        return new, (metrics if len(calls) == 1 else {**metrics, "acc": torch.tensor(1.0)})
+
+    with pytest.raises(ValueError, match=(
+        r"^accumulate: micro-batch 1 returned metrics of another structure than micro-batch 0 "
+        r"\(\['acc', 'loss'\] vs \['loss'\]\); return the same metrics from every micro-batch$"
+    )):  # fmt: skip
+        xf.accumulate(varying, 2)(make_state(), batch())

@@ -270,7 +270,13 @@ def apply(state: "TrainState", params: dict[str, torch.Tensor], *args: Any, **kw
 
 
 def _apply_base(state: "TrainState", params, args, kwargs):
-    rt = state._runtime("xf.apply")
+    try:
+        rt = state._runtime("xf.apply")
+    except AttributeError:
+        raise TypeError(
+            f"xf.apply: expected a TrainState as the first argument, got {type(state).__name__}; call "
+            "xf.apply(state, params, *inputs)"
+        ) from None
     gen = _generator_for(rt.device)
     frame = _RNG.get()
     saved = None if frame is not None and frame.guarded else gen.get_state()
@@ -363,6 +369,12 @@ _HAS_AUX_ERROR = (
 )
 
 
+_NO_GRAD_FN_ERROR = (
+    "xf.value_and_grad: the loss does not depend on the params (it has no grad_fn); compute it from the "
+    "params the loss function receives, e.g. xf.apply(state, params, x), without .detach() or torch.no_grad()"
+)
+
+
 def value_and_grad(fn: Callable[..., Any], *, has_aux: bool = False) -> Callable[..., Any]:
     """Returns ``g(params) -> (value, grads)`` for a loss function of params.
 
@@ -406,14 +418,24 @@ def _value_and_grad_base(fn, params, has_aux):
     _check_scalar(mean.total)
     objective = dispatch("objective", _objective_base, mean)
     names = [k for k, p in params.items() if p.requires_grad]
-    if any(h.uses_backward for h in _HANDLERS.get().handlers):
-        objective.backward()
-        found = []
-        for k in names:
-            found.append(params[k].grad)
-            params[k].grad = None
-    else:
-        found = torch.autograd.grad(objective, [params[k] for k in names], allow_unused=True)
+    if not names:
+        raise ValueError(
+            f"xf.value_and_grad: none of the {len(params)} params requires grad (e.g. {next(iter(params), '')!r}); "
+            "pass state.params, whose trainable tensors do"
+        )
+    try:
+        if any(h.uses_backward for h in _HANDLERS.get().handlers):
+            objective.backward()
+            found = []
+            for k in names:
+                found.append(params[k].grad)
+                params[k].grad = None
+        else:
+            found = torch.autograd.grad(objective, [params[k] for k in names], allow_unused=True)
+    except RuntimeError:
+        if objective.requires_grad:
+            raise
+        raise ValueError(_NO_GRAD_FN_ERROR) from None
     grads = {k: (g if g is not None else torch.zeros_like(params[k])) for k, g in zip(names, found)}
     value = loss.detach() if isinstance(loss, (Mean, torch.Tensor)) else loss
     return ((value, aux) if has_aux else value), grads

@@ -92,6 +92,11 @@ def wrap(
 
     @functools.wraps(step)
     def transformed(state: TrainState, batch: Any):
+        if not isinstance(state, TrainState):
+            raise TypeError(
+                f"{api}: expected a TrainState as the first argument, got {type(state).__name__}; call "
+                "step(state, batch) with state = step.init(xf.TrainState.create(...))"
+            )
         try:
             out = call(state, batch)
         except RuntimeError as e:

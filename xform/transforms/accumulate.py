@@ -77,6 +77,27 @@ class _Handler(Reducer):
         return next(state, dict(zip(self.names, self.grads)), self.count)
 
 
+def _metrics_mismatch(metrics: list[Any]) -> ValueError | None:
+    """The error for metrics whose structure differs between micro-batches, naming the
+    first that differs; None when they all agree (the failure was something else)."""
+    first = optree.tree_structure(metrics[0], is_leaf=_is_mean, namespace=tree.NAMESPACE)
+    for i, m in enumerate(metrics[1:], 1):
+        if optree.tree_structure(m, is_leaf=_is_mean, namespace=tree.NAMESPACE) != first:
+            return ValueError(
+                f"accumulate: micro-batch {i} returned metrics of another structure than micro-batch 0 "
+                f"({_shape_of(m)} vs {_shape_of(metrics[0])}); return the same metrics from every micro-batch"
+            )
+    return None
+
+
+def _is_mean(x: Any) -> bool:
+    return isinstance(x, Mean)
+
+
+def _shape_of(metrics: Any) -> str:
+    return repr(sorted(metrics, key=repr)) if isinstance(metrics, dict) else type(metrics).__name__
+
+
 def _fold(acc: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     return grad + acc
 
@@ -143,7 +164,11 @@ def accumulate(step: Callable[..., Any], steps: int):
                         "a step must call it exactly once"
                     )
                 metrics.append(m)
-        return state, combine_metrics(metrics)
+        try:
+            return state, combine_metrics(metrics)
+        except (ValueError, TypeError) as e:
+            raise _metrics_mismatch(metrics) or e
+
 
     return wrap(
         step, call, lambda state: state,
