@@ -1,52 +1,77 @@
-"""Per-process bytes of params + gradients + optimizer state under replicate / zero1 /
-zero2 / zero3, measured, against the ZeRO paper's formulas.
+"""Per-process memory of replicate / zero1 / zero2 / zero3: the state's size, the ZeRO
+formula, and the peak measured inside a step (gradients, buckets and collective buffers
+included).
 
-fp32 AdamW on CPU (Psi = number of parameters): replicate 16 Psi (4 params + 4 grads + 8
-Adam), zero1 4 Psi + 4 Psi + 8 Psi/N, zero2 4 Psi + 12 Psi/N, zero3 16 Psi/N. The
-mixed-precision formulas (fp16/bf16 params and grads, fp32 master + Adam = 12 Psi) are
-printed for reference: 16 Psi, 4 Psi + 12 Psi/N, 2 Psi + 14 Psi/N, 16 Psi/N.
+fp32 AdamW on CPU (Psi = number of parameters). The ZeRO paper's formulas count model
+states only (params + gradients + optimizer state): replicate 16 Psi (4 params + 4 grads
++ 8 Adam), zero1 4 Psi + 4 Psi + 8 Psi/N, zero2 4 Psi + 12 Psi/N, zero3 16 Psi/N. (With
+fp16/bf16 params and grads and fp32 master + Adam: 16 Psi, 4 Psi + 12 Psi/N, 2 Psi + 14
+Psi/N, 16 Psi/N.) Adding up the state's tensors gives these formulas by construction; what
+a process holds while a step runs can only be measured.
 
-Measured in every process of a gloo group of N (``xform.distributed.procs.ProcessPool``), on the
-second real step of ``xf.shard(step, strategy)``:
+How it is measured, in every process of a gloo group of N
+(``xform.distributed.procs.ProcessPool``), on ``xf.shard(step, strategy)``:
 
-- params: local bytes of ``state.params`` (a DTensor counts its ``to_local()``).
-- grads: local bytes of the gradients ``xf.value_and_grad`` returned inside the step
-  (the ones the strategy keeps and hands to ``apply_gradients``): whole under replicate
-  and zero1, this process's rows under zero2, DTensor shards under zero3.
-  The storages behind them are checked too (a note is printed where they hold more).
-- optimizer: local bytes of the tensors in ``state.opt_state["state"]`` (``exp_avg``,
-  ``exp_avg_sq``). The 0-dim ``step`` counters (4 bytes per parameter tensor) are left
-  out of the total and shown in their own column.
+- params, opt: local bytes of ``state.params`` and of the tensors in ``state.opt_state``
+  (a DTensor counts its ``to_local()``) after the last step; grads: local bytes of the
+  gradients ``xf.value_and_grad`` returned inside the step. counted = their sum: what the
+  formula counts (this script's figure before it measured).
+- between, peak: live bytes in PyTorch's CPU allocator, from ``torch.profiler``
+  (``profile_memory=True``) running around the whole worker, from before the model is
+  built. The profiler reports every allocation and free that the c10 CPU allocator makes
+  on the profiled thread, with its address and size; replaying them in order gives the
+  exact bytes alive at each moment: every tensor storage (the model's, the optimizer's,
+  the batch, activations, gradients alive during the backward pass, gradient buckets),
+  the copies and outputs that c10d's gloo collectives allocate (e.g. the clone of the
+  input that gloo's reduce-scatter makes, the staging buffer of its all-gather, also
+  when gloo's worker thread frees them) and FSDP2's gathered params. Step 1 creates
+  the optimizer state; then ``--steps`` steps are measured, each after ``gc.collect()``
+  (so that garbage of earlier steps is not counted; the bytes that collection freed are
+  reported when it freed any). "between" is the live count just before a step, "peak"
+  the largest one while it runs (median over the measured steps and ranks, with the
+  range: async collectives finish at different moments, so the peak moves), "in-step"
+  = max peak - between: what a step needs beyond what it keeps.
+- For the largest peak, the bytes allocated in that step and alive at that moment are
+  listed by where they were made (innermost Python frame > ops), from the profiler's
+  stacks.
 
-Also shown, not in the total: "in-step bufs", the flat buckets that replicate/zero1/zero2
-allocate for each step's gradient communication, plus zero2's reduce-scatter outputs.
-Under replicate and zero1 the buckets become the returned gradients (the same bytes as
-"grads"); under zero2 the whole flat gradient (4 Psi) lives while the backward pass runs,
-beside the 4 Psi/N rows that it keeps. zero3's in-step memory (FSDP2's gathered params)
-is not measured.
+Not seen: memory that gloo's transport mallocs itself, outside the PyTorch allocator
+(its algorithms work in the tensors' own memory), allocations made on other threads
+that are not freed on this one, and the allocator's and the OS's caching (these are
+allocated bytes, not RSS). The model (an MLP 512 -> 512 -> 1024 -> 256, Psi = 1,050,368)
+has every first dimension divisible by 4, so the row shards are exact; batch 8 per
+process, so activations are small (~0.1 MiB).
 
-The model (an MLP 512 -> 512 -> 1024 -> 256, Psi = 1,050,368) has every first dimension
-divisible by 4, so the row shards are exact. The printed ratio is measured / formula of
-the process with the most bytes (all processes are listed when they differ).
-
-Run: ``.venv/bin/python bench/memory.py`` (``--nprocs 2,4``).
+Run: ``.venv/bin/python bench/memory.py`` (``--nprocs 2,4 --steps 5``; ``--quick``:
+N = 2, 2 measured steps, to check that the script runs).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import os
+import statistics
 import warnings
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch._C._profiler import _EventType  # the profiler's event tree (what torch.profiler's memory profiler reads)
 
 import xform as xf
-from xform.backends.torch_native import data_parallel as torch_native
 
 DIMS = (512, 512, 1024, 256)
 BATCH = 8  # per process
 STRATEGIES = ("replicate", "zero1", "zero2", "zero3")
+FORMULAS = {  # fp32 AdamW: (name, bytes per process as a function of Psi and N)
+    "replicate": ("16Ψ", lambda psi, n: 16 * psi),
+    "zero1": ("4Ψ+4Ψ+8Ψ/N", lambda psi, n: 8 * psi + 8 * psi / n),
+    "zero2": ("4Ψ+12Ψ/N", lambda psi, n: 4 * psi + 12 * psi / n),
+    "zero3": ("16Ψ/N", lambda psi, n: 16 * psi / n),
+}
+MIB = 2**20
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 
 
 def mlp() -> torch.nn.Module:
@@ -57,36 +82,90 @@ def mlp() -> torch.nn.Module:
     return torch.nn.Sequential(*layers)
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
 def _bytes(t: torch.Tensor) -> int:
-    t = _local(t)
+    t = t.to_local() if hasattr(t, "to_local") else t
     return t.numel() * t.element_size()
 
 
-def formulas(strategy: str, psi: int, n: int) -> tuple[float, float]:
-    """(fp32 Adam bytes, mixed-precision Adam bytes) per process."""
-    return {
-        "replicate": (16 * psi, 16 * psi),
-        "zero1": (4 * psi + 4 * psi + 8 * psi / n, 4 * psi + 12 * psi / n),
-        "zero2": (4 * psi + 12 * psi / n, 2 * psi + 14 * psi / n),
-        "zero3": (16 * psi / n, 16 * psi / n),
-    }[strategy]
+def _walk(nodes):
+    for n in nodes:
+        yield n
+        yield from _walk(n.children)
 
 
-def measure_worker(strategy: str) -> dict[str, int]:
+def _label(node, window) -> str:
+    """Where an allocation was made: the innermost Python frame, then the ops below it
+    down to the one that allocated, e.g. ``backends/.../data_parallel.py(111): <listcomp>
+    > aten::empty`` or ``torch/optim/adam.py(553): _multi_tensor_adam >
+    aten::_foreach_sqrt > aten::sqrt``."""
+    ops = []
+    n = node.parent
+    while n is not None and n is not window and n.tag != _EventType.PyCall:
+        if n.tag == _EventType.TorchOp:
+            ops.append(n.name)
+        n = n.parent
+    frame = n.name.replace(ROOT, "") if n is not None and n is not window else "(the step)"
+    ops = ops[::-1]
+    return " > ".join([frame] + (ops if len(ops) <= 2 else [ops[0], ops[-1]]))
+
+
+def replay(prof, windows: list[str]) -> dict[str, dict]:
+    """For each ``record_function`` range named in ``windows`` (in time order, not
+    overlapping): the live bytes just before it ("before"), at its end ("after") and at
+    its peak ("peak"), and the bytes allocated inside it and alive at the peak by where
+    they were allocated ("where"); from the allocations and frees that ``prof`` recorded,
+    replayed in order."""
+    nodes = list(_walk(prof.profiler.kineto_results.experimental_event_tree()))
+    spans = {n.name: n for n in nodes if n.name in windows}
+    events = sorted(
+        ((n.start_time_ns, n.extra_fields.alloc_size, n.extra_fields.ptr, n) for n in nodes
+         if n.tag == _EventType.Allocation and n.extra_fields.device.type == "cpu"),
+        key=lambda e: e[:2],
+    )
+    sizes: dict[int, int] = {}  # ptr -> bytes, of everything alive
+    out: dict[str, dict] = {}
+    live = 0
+    it = iter(events)
+    pending = next(it, None)
+    for name in sorted(windows, key=lambda w: spans[w].start_time_ns):
+        win = spans[name]
+        while pending is not None and pending[0] < win.start_time_ns:  # up to the window
+            _, size, ptr, _ = pending
+            if size > 0:
+                sizes[ptr] = size
+                live += size
+            elif ptr in sizes:  # a free of memory allocated before profiling is not counted
+                live -= sizes.pop(ptr)
+            pending = next(it, None)
+        before = peak = live
+        inside: dict[int, object] = {}  # ptr -> allocation node, for allocations made in the window
+        at_peak: dict[int, object] = {}
+        while pending is not None and pending[0] <= win.end_time_ns:
+            _, size, ptr, node = pending
+            if size > 0:
+                sizes[ptr] = size
+                live += size
+                inside[ptr] = node
+            elif ptr in sizes:
+                live -= sizes.pop(ptr)
+                inside.pop(ptr, None)
+            if live > peak:
+                peak, at_peak = live, dict(inside)
+            pending = next(it, None)
+        where: dict[str, int] = {}
+        for node in at_peak.values():
+            key = _label(node, win)
+            where[key] = where.get(key, 0) + node.extra_fields.alloc_size
+        out[name] = {"before": before, "after": live, "peak": peak, "where": where}
+    return out
+
+
+def measure_worker(strategy: str, steps: int) -> dict:
     # torch 2.13 deprecates the *_tensor collectives the zero1/zero2 code calls; not ours to measure here
     warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed\..*_single`")
-    seen: list[tuple[int, int]] = []
-    peaks: dict[int, int] = {}  # per step's _Comm: peak bytes of its flat buffers (replicate/zero1/zero2)
-    launch = torch_native._Comm._launch_ready
+    from torch.profiler import ProfilerActivity, profile, record_function
 
-    def recording_launch(comm, *args, **kwargs):
-        launch(comm, *args, **kwargs)  # called as each gradient arrives: the buffers alive now
-        alive = sum(_bytes(b) for b in comm.bufs + comm.outs if b is not None)
-        peaks[id(comm)] = max(alive, peaks.get(id(comm), 0))
+    grads_seen: list[int] = []
 
     def step(state, batch):
         x, y = batch
@@ -95,80 +174,95 @@ def measure_worker(strategy: str) -> dict[str, int]:
             return F.mse_loss(xf.apply(state, params, x), y)
 
         loss, grads = xf.value_and_grad(loss_fn)(state.params)
-        local = [_local(g) for g in grads.values()]
-        storages = {g.untyped_storage().data_ptr(): g.untyped_storage().nbytes() for g in local}
-        seen.append((sum(_bytes(g) for g in local), sum(storages.values())))
+        grads_seen.append(sum(_bytes(g) for g in grads.values()))
         return state.apply_gradients(grads), {"loss": loss}
 
-    sharded = xf.shard(step, strategy)
-    state = sharded.init(xf.TrainState.create(mlp(), optimizer=torch.optim.AdamW, lr=1e-3))
-    g = torch.Generator().manual_seed(dist.get_rank())
-    batch = (torch.randn(BATCH, DIMS[0], generator=g), torch.randn(BATCH, DIMS[-1], generator=g))
-    torch_native._Comm._launch_ready = recording_launch
-    try:
-        for _ in range(2):  # the first step creates the optimizer state
-            state, _ = sharded(state, batch)
-    finally:
-        torch_native._Comm._launch_ready = launch
-    opt = counters = 0
-    for entry in state.opt_state["state"].values():
-        for v in entry.values():
-            if isinstance(v, torch.Tensor) and v.dim() == 0:
-                counters += _bytes(v)
-            elif isinstance(v, torch.Tensor):
-                opt += _bytes(v)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, with_stack=True) as prof:
+        sharded = xf.shard(step, strategy)
+        state = sharded.init(xf.TrainState.create(mlp(), optimizer=torch.optim.AdamW, lr=1e-3))
+        g = torch.Generator().manual_seed(dist.get_rank())
+        batch = (torch.randn(BATCH, DIMS[0], generator=g), torch.randn(BATCH, DIMS[-1], generator=g))
+        state, _ = sharded(state, batch)  # creates the optimizer state
+        for i in range(steps):
+            with record_function(f"xform-bench: gc {i}"):  # what earlier steps left to the cyclic collector
+                gc.collect()
+            with record_function(f"xform-bench: step {i}"):
+                state, _ = sharded(state, batch)
+    spans = replay(prof, [f"xform-bench: {w} {i}" for i in range(steps) for w in ("gc", "step")])
+    measured = [spans[f"xform-bench: step {i}"] for i in range(steps)]
+    top = max(measured, key=lambda s: s["peak"])
+    opt = sum(
+        _bytes(v) for entry in state.opt_state["state"].values() for v in entry.values() if isinstance(v, torch.Tensor)
+    )
     return {
         "params": sum(_bytes(p) for p in state.params.values()),
-        "grads": seen[-1][0],
-        "grad_storage": seen[-1][1],
         "opt": opt,
-        "counters": counters,
-        "buffers": list(peaks.values())[-1] if peaks else -1,
+        "grads": grads_seen[-1],
+        "between": [s["before"] for s in measured],
+        "peaks": [s["peak"] for s in measured],
+        "where": top["where"],
+        "garbage": max(spans[f"xform-bench: gc {i}"]["before"] - spans[f"xform-bench: gc {i}"]["after"] for i in range(steps)),
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nprocs", default="2,4", help="process counts, comma-separated")
+    parser.add_argument("--steps", type=int, default=5, help="measured steps (after a first one)")
+    parser.add_argument("--top", type=int, default=6, help="places listed per strategy for the bytes alive at the peak")
+    parser.add_argument("--quick", action="store_true", help="N = 2, 2 measured steps: checks the script runs")
     args = parser.parse_args()
+    if args.quick:
+        args.nprocs, args.steps = "2", 2
     torch.set_num_threads(1)
 
     from xform.distributed.procs import ProcessPool
 
     psi = sum(p.numel() for p in mlp().parameters())
-    mb = 2**20
-    print(f"MLP {'-'.join(map(str, DIMS))}: Psi = {psi:,} params; fp32 AdamW; bytes per process after step 2")
-    print("opt = exp_avg + exp_avg_sq; the 0-dim `step` counters are excluded (column 'steps', bytes)")
     print(
-        f"{'strategy':9s} {'N':>2s} {'params':>7s} {'grads':>7s} {'opt':>7s} {'steps':>5s} "
-        f"{'measured B':>11s} {'formula (fp32)':>13s} {'formula B':>11s} {'ratio':>6s}   {'mixed-prec. formula':>19s}"
-        f"  {'in-step bufs':>12s}"
+        f"MLP {'-'.join(map(str, DIMS))}: Psi = {psi:,} params; fp32 AdamW, batch {BATCH}/process, "
+        f"{args.steps} measured steps per process"
     )
-    print(f"{'':12s} {'(MiB)':>7s} {'(MiB)':>7s} {'(MiB)':>7s} {'(B)':>5s}")
-    names_fp32 = {"replicate": "16Ψ", "zero1": "4Ψ+4Ψ+8Ψ/N", "zero2": "4Ψ+12Ψ/N", "zero3": "16Ψ/N"}
-    names_mixed = {"replicate": "16Ψ", "zero1": "4Ψ+12Ψ/N", "zero2": "2Ψ+14Ψ/N", "zero3": "16Ψ/N"}
-    worst = 0.0
+    rows = []
     for n in [int(s) for s in args.nprocs.split(",")]:
         with ProcessPool(n, timeout_s=300) as pool:
             for strategy in STRATEGIES:
-                per_rank = pool.run(measure_worker, strategy)
-                totals = [r["params"] + r["grads"] + r["opt"] for r in per_rank]
-                r = per_rank[max(range(n), key=totals.__getitem__)]
-                total = max(totals)
-                fp32, mixed = formulas(strategy, psi, n)
-                ratio = total / fp32
-                worst = max(worst, abs(ratio - 1))
+                per_rank = pool.run(measure_worker, strategy, args.steps)
+                r = max(per_rank, key=lambda r: max(r["peaks"]))
+                peaks = [p for x in per_rank for p in x["peaks"]]
+                between = max(b for x in per_rank for b in x["between"])
+                name, formula = FORMULAS[strategy]
+                rows.append((strategy, n, r, between, peaks, name, formula(psi, n)))
+                alive = sorted(r["where"].items(), key=lambda kv: -kv[1])
                 print(
-                    f"{strategy:9s} {n:2d} {r['params'] / mb:7.2f} {r['grads'] / mb:7.2f} {r['opt'] / mb:7.2f} "
-                    f"{r['counters']:5d} {total:11,d} {names_fp32[strategy]:>13s} {fp32:11,.0f} {ratio:6.3f}   "
-                    f"{names_mixed[strategy]:>10s} = {mixed / mb:5.2f} MiB"
-                    + (f"  {r['buffers'] / mb:8.2f} MiB" if r["buffers"] >= 0 else f"  {'-':>12s}")
+                    f"{strategy} N={n}: largest peak {max(peaks) / MIB:.2f} MiB; made in that step and alive at its "
+                    f"peak: {sum(r['where'].values()) / MIB:.2f} MiB, by where:"
                 )
-                if r["grad_storage"] != r["grads"]:
-                    print(f"{'':12s} the grads' storages hold {r['grad_storage']:,} bytes, not {r['grads']:,}")
-                if len(set(totals)) > 1:
-                    print(f"{'':12s} totals by rank (bytes): {totals}")
-    print(f"largest deviation from the fp32 formula: {worst:.2%}")
+                for where, size in alive[: args.top]:
+                    print(f"  {size / MIB:7.2f}  {where}")
+                if len(alive) > args.top:
+                    print(f"  {sum(v for _, v in alive[args.top:]) / MIB:7.2f}  ({len(alive) - args.top} more places)")
+                garbage = max(x["garbage"] for x in per_rank)
+                if garbage:
+                    print(f"  ({garbage / MIB:.2f} MiB of an earlier step was held until gc.collect() freed it)")
+                if max(b for x in per_rank for b in x["between"]) != min(b for x in per_rank for b in x["between"]):
+                    print(f"  between steps by rank (MiB): {[[round(b / MIB, 2) for b in x['between']] for x in per_rank]}")
+
+    print("\n== memory per process (MiB): the state, the formula, and the peak measured in a step ==")
+    print(
+        f"{'strategy':9s} {'N':>2s} {'params':>7s} {'opt':>7s} {'grads':>7s} {'counted':>8s} "
+        f"{'formula':>18s} {'between':>8s} {'peak':>7s} {'peak range':>13s} {'in-step':>8s} {'max peak/formula':>16s}"
+    )
+    for strategy, n, r, between, peaks, name, formula in rows:
+        counted = r["params"] + r["opt"] + r["grads"]
+        print(
+            f"{strategy:9s} {n:2d} {r['params'] / MIB:7.2f} {r['opt'] / MIB:7.2f} {r['grads'] / MIB:7.2f} "
+            f"{counted / MIB:8.2f} {name:>11s}={formula / MIB:6.2f} {between / MIB:8.2f} "
+            f"{statistics.median(peaks) / MIB:7.2f} {f'{min(peaks) / MIB:.2f}-{max(peaks) / MIB:.2f}':>13s} "
+            f"{(max(peaks) - between) / MIB:8.2f} {max(peaks) / formula:16.3f}"
+        )
+    print("counted = params + opt + grads returned (the formula's terms); between = live before a step (max);")
+    print("peak = live at a step's peak, median over steps and ranks, and range; in-step = max peak - between")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,80 @@
+"""The benchmark scripts run (``--quick``) and print the closing tables the README quotes.
+
+These check that each script works and what its table holds, never a timing: the
+figures of a ``--quick`` run on a shared machine mean nothing.
+"""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+NUM = r"\d+\.\d+"
+SPREAD = rf"{NUM} \[{NUM}, {NUM}\]"  # median [q1, q3]
+
+
+def run_quick(script: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-W", "ignore", str(ROOT / "bench" / script), "--quick"],
+        cwd=ROOT, capture_output=True, text=True, timeout=180,
+    )
+    assert proc.returncode == 0, f"bench/{script} --quick failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def table(out: str, title: str) -> list[str]:
+    """The lines after the closing table's ``== title`` line."""
+    assert f"== {title}" in out, f"no '== {title}' table in:\n{out}"
+    return out.split(f"== {title}", 1)[1].splitlines()[1:]
+
+
+def test_overhead_prints_both_twins_with_spread():
+    """Catches: a table with one twin only, or medians without their quartiles."""
+    lines = table(run_quick("overhead.py"), "overhead:")
+    assert "/ backward()" in lines[0] and "/ autograd.grad" in lines[0]
+    for variant in ("step", "mixed_precision(bf16)", "accumulate(2)", "accumulate(mixed_precision(bf16), 2)"):
+        row = [line for line in lines if line.startswith(variant + " ")]
+        assert len(row) == 1 and re.search(rf"{NUM}\s+{SPREAD}\s+{SPREAD}$", row[0]), (variant, lines)
+    assert re.search(r"import torch \d.*import xform \d", "\n".join(lines))
+
+
+def test_ddp_prints_paired_ratio_quartiles_and_collective_counts():
+    """Catches: ratios without their spread; the per-micro-batch collective counts lost."""
+    lines = table(run_quick("ddp.py"), "ddp: summary")
+    text = "\n".join(lines)
+    assert re.search(rf"defaults: xform 25 MB / ddp default\s+{SPREAD} range {NUM}-{NUM}", text), text
+    assert re.search(rf"same bucket size: xform 2 MB / ddp 2 MB\s+{SPREAD} range {NUM}-{NUM}", text), text
+    counts = {m[1]: (int(m[2]), int(m[3]), int(m[4])) for m in re.finditer(r"^  (\w+)\s+(\d+)\s+(\d+)\s+(\d+)$", text, re.M)}
+    assert set(counts) == {"replicate", "zero1", "zero2", "zero3"}, text
+    for strategy in ("replicate", "zero1", "zero2"):  # they communicate on the last micro-batch only
+        early, last, _ = counts[strategy]
+        assert early == 0 and last > 0, (strategy, text)
+
+
+def test_memory_prints_measured_peaks_beside_state_and_formula():
+    """Catches: a 'measured' figure that is the state's size again, or a profiler replay
+    that lost allocations: the measured peaks must hold at least the model states the
+    formula counts (params, optimizer state and the step's gradients are all alive
+    before the optimizer runs), and the live bytes between steps at least the state."""
+    lines = table(run_quick("memory.py"), "memory per process")
+    rows = {}
+    for line in lines[1:]:
+        m = re.match(
+            rf"(\w+)\s+2\s+({NUM})\s+({NUM})\s+({NUM})\s+({NUM})\s+\S+=\s*({NUM})\s+({NUM})\s+({NUM})"
+            rf"\s+({NUM})-({NUM})\s+(-?{NUM})\s+({NUM})$",
+            line,
+        )
+        if m:
+            rows[m[1]] = [float(v) for v in m.groups()[1:]]
+    assert set(rows) == {"replicate", "zero1", "zero2", "zero3"}, lines
+    for strategy, row in rows.items():
+        params, opt, grads, counted, formula, between, peak, low, high, in_step, ratio = row
+        assert counted == pytest.approx(params + opt + grads, abs=0.02), strategy
+        assert counted == pytest.approx(formula, rel=0.01), strategy  # the formula holds by construction
+        assert between >= params + opt - 0.01, (strategy, between)
+        assert counted - 0.01 <= low <= peak <= high, (strategy, row)
+        assert in_step == pytest.approx(high - between, abs=0.02), strategy
+        assert ratio == pytest.approx(high / formula, rel=0.01), strategy
