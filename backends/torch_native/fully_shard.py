@@ -17,6 +17,37 @@ from .common import _broadcast_state, _check_fresh, _default_group, _device_type
 # --- zero3 / fsdp, hsdp: FSDP2 ----------------------------------------------------------------
 
 
+def ties(module: torch.nn.Module) -> list[tuple[str, ...]]:
+    """The paths of the modules sharing each parameter held by more than one module
+    (tied weights: GPT-2's ``lm_head`` and ``transformer.wte``)."""
+    owners: dict[int, list[str]] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        path = name.rpartition(".")[0]
+        if path not in owners.setdefault(id(p), []):
+            owners[id(p)].append(path)
+    return [tuple(o) for o in owners.values() if len(o) > 1]
+
+
+def _inside(path: str, unit: str) -> bool:
+    return unit == "" or path == unit or path.startswith(unit + ".")
+
+
+def _units(module: torch.nn.Module, choose: Any) -> list[torch.nn.Module]:
+    """The FSDP units below the root, parents first: the modules ``choose`` picks, except
+    that a unit never splits a tie. A module holding some but not all owners of a tied
+    parameter is no unit, so the tied tensor goes to the lowest chosen unit holding all
+    its owners, or to the root (GPT-2's ``lm_head``/``wte``). No unit is added: a module
+    whose forward is never called (a container its parent reaches into) would gather
+    nothing. FSDP2 then shards the tied tensor once, and the state's names (one per
+    tensor) stay valid."""
+    tied = ties(module)
+
+    def splits(unit: str) -> bool:
+        return any(0 < sum(_inside(o, unit) for o in tie) < len(tie) for tie in tied)
+
+    return [m for n, m in module.named_modules() if n and choose(m) and not splits(n)]
+
+
 def _fully_shard_units(module: torch.nn.Module, mesh: Any, strategy: FullyShard, policy: Any) -> None:
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
@@ -24,8 +55,7 @@ def _fully_shard_units(module: torch.nn.Module, mesh: Any, strategy: FullyShard,
     lower = compute is not None and compute != torch.float32
     mp = MixedPrecisionPolicy(param_dtype=compute if lower else None, reduce_dtype=strategy.reduce_dtype if lower else None)
     choose = strategy.units or (lambda m: any(p is not None for p in m._parameters.values()))
-    units = [m for _, m in module.named_modules() if m is not module and choose(m)]
-    for unit in reversed(units):  # children before their parents
+    for unit in reversed(_units(module, choose)):  # children before their parents
         fully_shard(unit, mesh=mesh, reshard_after_forward=strategy.reshard_after_forward, mp_policy=mp)
     fully_shard(module, mesh=mesh, reshard_after_forward=strategy.reshard_after_forward, mp_policy=mp)
     for m in module.modules():

@@ -11,7 +11,7 @@ from xform.core.state import TrainState
 from xform.core.strategies import FullyShard, TensorParallel
 
 from .common import _broadcast_state, _check_fresh
-from .fully_shard import _BackwardReducer, _fully_shard_units, _relaid
+from .fully_shard import _BackwardReducer, _fully_shard_units, _relaid, ties
 
 # --- tensor parallel ----------------------------------------------------------------------------
 
@@ -48,6 +48,14 @@ class TensorParallelLayout:
                     plan[name] = styles[style]()
         if not plan:
             raise ValueError(f"shard(tp): the plan {dict(s.plan)} matches no module of {type(state.module).__name__}")
+        for tie in ties(state.module):
+            planned = [o for o in tie if o in plan]
+            if planned:
+                others = [o or "the root module" for o in tie if o != planned[0]]
+                raise ValueError(
+                    f"shard(tp): {planned[0]!r} shares its weight with {others} (tied weights), which tensor "
+                    f"parallelism would split apart; leave {planned[0]!r} out of the plan, or untie the weights"
+                )
         size = self.mesh[s.axis].size()
         modules = dict(state.module.named_modules())
         for name, style in plan.items():
