@@ -351,7 +351,7 @@ PEER = textwrap.dedent(
 
 def test_a_dead_or_hung_peer_fails_rank_0_within_the_timeout(tmp_path):
     """Rank 1 is SIGKILLed, or hangs, mid-run; rank 0 (timeout=3 s) must fail with a clear
-    error, within the timeout, not hang."""
+    error naming rank 1 (the only peer of a group of two), within the timeout, not hang."""
     script = tmp_path / "peer.py"
     script.write_text(PEER)
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
@@ -371,7 +371,7 @@ def test_a_dead_or_hung_peer_fails_rank_0_within_the_timeout(tmp_path):
             assert rank0.returncode == 3, f"{mode}: rank 0 exited {rank0.returncode}\n{out}\n{err}"
             elapsed, message = out.split("\n", 1)
             assert message.startswith("xf.distributed.reduce: the collective failed on rank 0 of 2: ")
-            assert "A peer process exited or did not reach this collective within 3 s" in message
+            assert "The peer, rank 1, exited or did not reach this collective within 3 s" in message
             assert "xf.distributed.initialize(timeout=...)" in message
             if mode == "killed":
                 assert float(elapsed) < 4.5, message  # at once, or at worst by the timeout

@@ -43,6 +43,8 @@ def check_step(api: str, step: Any) -> None:
 def check_result(api: str, out: Any) -> Any:
     """``out`` when it is a ``(state, metrics)`` pair whose state is a ``TrainState``;
     otherwise an error naming ``api``. An isinstance and a len check: no pytree walk."""
+    if type(out) is tuple and len(out) == 2 and type(out[0]) is TrainState:  # the common case
+        return out
     if isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[0], TrainState):
         return out
     raise _bad_result(api, out)
@@ -92,7 +94,7 @@ def wrap(
 
     @functools.wraps(step)
     def transformed(state: TrainState, batch: Any):
-        if not isinstance(state, TrainState):
+        if type(state) is not TrainState and not isinstance(state, TrainState):
             raise TypeError(
                 f"{api}: expected a TrainState as the first argument, got {type(state).__name__}; call "
                 "step(state, batch) with state = step.init(xf.TrainState.create(...))"
@@ -106,7 +108,7 @@ def wrap(
             if failure is None:
                 raise
             raise failure from e
-        if isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], TrainState):
+        if type(out) is tuple and len(out) == 2 and type(out[0]) is TrainState:
             return out
         return check_result(api, out)
 

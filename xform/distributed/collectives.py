@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from xform import tree as _tree
-from xform.distributed.runtime import _HOST_BACKENDS, DistributedError, Runtime, _first_line, runtime
+from xform.distributed.runtime import _HOST_BACKENDS, DistributedError, Runtime, _culprit, _first_line, runtime
 
 __all__ = [
     "broadcast",
@@ -40,7 +40,7 @@ def _comm(api: str, rt: Runtime) -> Iterator[None]:
         limit = f"{rt.timeout.total_seconds():g} s" if rt.timeout is not None else "the group's timeout"
         raise DistributedError(
             f"{api}: the collective failed on rank {rt.rank} of {rt.world_size}: {_first_line(e)}. "
-            f"A peer process exited or did not reach this collective within {limit}; its own output "
+            f"{_culprit(e, rt)} exited or did not reach this collective within {limit}; its own output "
             "shows why. If a rank is legitimately slow (e.g. saving a checkpoint), raise the timeout: "
             "xf.distributed.initialize(timeout=...) or `xform launch --timeout S`"
         ) from e
