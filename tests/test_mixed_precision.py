@@ -121,7 +121,7 @@ def test_bf16_computes_in_bf16_and_keeps_fp32_master_weights():
     assert set(outputs) == {torch.float32}  # apply's outputs are cast to the output dtype
     assert all(p.dtype == torch.float32 for p in state.params.values())
     assert all(t.dtype == torch.float32 for t in xf.tree.leaves(state.opt_state["state"]) if t.is_floating_point())
-    assert state.transforms == {} and all(loss.dtype == torch.float32 for loss in losses)
+    assert "mixed_precision" not in state.transforms and all(loss.dtype == torch.float32 for loss in losses)
     # It really ran in bf16: not bit-equal to the fp32 run.
     fp32, _ = run(step, make_state(), BATCHES)
     assert not torch.equal(fp32.params["0.weight"], state.params["0.weight"])
@@ -223,6 +223,97 @@ def test_static_loss_scale_skips_overflow_but_keeps_its_scale():
 def test_bf16_has_no_loss_scale_and_does_not_skip():
     wrapped = xf.mixed_precision(scaled_step, "bf16")
     state = init(wrapped, make_state())
-    assert state.transforms == {}
+    assert "mixed_precision" not in state.transforms
     state, _ = wrapped(state, good())
     assert state.step == 1
+
+
+# --- policies that make no sense are refused ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "spec, error, match",
+    [
+        ("params=float16,compute=bfloat16", ValueError, r"mixed_precision: the policy params=float16,compute=bfloat16,output=float16 mixes float16 and bfloat16.*keep one 16-bit type"),
+        ("params=bfloat16,compute=float16", ValueError, r"mixes float16 and bfloat16"),
+        ("params=float32,compute=bfloat16,output=float16", ValueError, r"mixes float16 and bfloat16"),
+        ("params=bfloat16,compute=float32", ValueError, r"computes in a wider dtype than the params are stored in.*use 'params=float32,compute=bfloat16'"),
+        ("params=float16,compute=float32,output=float32", ValueError, r"computes in a wider dtype"),
+    ],
+)
+def test_nonsensical_policies_are_refused(spec, error, match):
+    """Catches policies accepted silently though they cannot mean what they say (issue 7:
+    params=float16,compute=bfloat16 was accepted)."""
+    with pytest.raises(error, match=match):
+        xf.Policy.parse(spec)
+    with pytest.raises(error, match=match):
+        xf.mixed_precision(step, spec)
+
+
+def test_policy_objects_are_checked_too():
+    with pytest.raises(ValueError, match="mixes float16 and bfloat16"):
+        xf.Policy(param_dtype=torch.float16, compute_dtype=torch.bfloat16, output_dtype=torch.float16)
+    with pytest.raises(TypeError, match=r"a policy's compute dtype must be torch.float32, torch.bfloat16 or torch.float16, got torch.int8"):
+        xf.Policy(compute_dtype=torch.int8)
+
+
+@pytest.mark.parametrize("spec", ["params=float16", "params=bfloat16", "params=float32,compute=float16,output=float16", "bf16"])
+def test_sensible_policies_are_accepted(spec):
+    assert xf.Policy.parse(str(xf.Policy.parse(spec))) == xf.Policy.parse(spec)
+
+
+# --- outputs of every container type are cast ---------------------------------------------
+
+
+def _tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(cfg)
+
+
+def test_a_hugging_face_model_output_is_cast_to_the_output_dtype():
+    """Catches a ``ModelOutput`` (an OrderedDict subclass the pytree sees as a leaf)
+    returned uncast under bf16: ``out.logits`` stayed bfloat16 while a tuple was cast."""
+    pytest.importorskip("transformers")
+    state = xf.TrainState.create(_tiny_gpt2(), optimizer=torch.optim.AdamW, lr=1e-3)
+    ids = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
+    seen = []
+
+    def lm_step(state, ids):
+        def loss_fn(p):
+            out = xf.apply(state, p, input_ids=ids)
+            seen.append(out)
+            return F.cross_entropy(out.logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+
+        loss, grads = xf.value_and_grad(loss_fn)(state.params)
+        return state.apply_gradients(grads), {"loss": loss}
+
+    wrapped = xf.mixed_precision(lm_step, "bf16")
+    state, _ = wrapped(init(wrapped, state), ids)
+    out = seen[-1]
+    assert type(out).__name__ == "CausalLMOutputWithCrossAttentions"  # the container type is kept
+    assert out.logits.dtype == torch.float32 and out["logits"] is out.logits
+    assert state.step == 1
+
+
+def test_mapping_subclasses_and_dataclasses_keep_their_type():
+    import collections
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Out:
+        logits: torch.Tensor
+        extra: tuple
+
+    class Box(collections.OrderedDict):
+        pass
+
+    policy = xf.Policy.parse("params=float32,compute=bfloat16,output=float32")
+    x = torch.ones(2, dtype=torch.bfloat16)
+    out = policy.cast_to_output((Box(a=x, b=[x]), Out(logits=x, extra=(x, 3))))
+    assert type(out[0]) is Box and out[0]["a"].dtype == torch.float32 and out[0]["b"][0].dtype == torch.float32
+    assert type(out[1]) is Out and out[1].logits.dtype == torch.float32 and out[1].extra[0].dtype == torch.float32
+    assert out[1].extra[1] == 3

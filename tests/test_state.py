@@ -51,7 +51,7 @@ def test_create_with_class_and_kwargs():
     state = xf.TrainState.create(model, optimizer=torch.optim.AdamW, lr=1e-3, seed=7)
     assert state.step == 0 and state.rng == 7
     assert state.data == {"seed": 7, "consumed": 0}
-    assert state.transforms == {}
+    assert state.transforms == {"nonfinite": {"skipped": 0, "consecutive": 0}}
     assert list(state.params) == [n for n, _ in model.named_parameters()]
     assert state.module is model
     # The optimizer state's structure exists before the first update (for load(like=...)).

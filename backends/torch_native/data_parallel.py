@@ -225,6 +225,17 @@ class DataParallel:
             return Handler()
         return _DataParallelHandler(self, group, world)
 
+    def optimizer_update(self, state: TrainState, grads: dict[str, torch.Tensor]) -> dict[str, Any] | None:
+        """zero1/zero2: the optimizer on this process's rows, then the params all-gathered;
+        returns the new ``opt_state``. Reached through the ``update`` primitive's base, so
+        every handler of ``update`` (the loss scale's unscale and skip) wraps it."""
+        group, _, _ = self.group()
+        return _zero_update(self, state, grads, group)
+
+    @property
+    def runs_optimizer(self) -> bool:
+        return self.sharded and self.group()[0] is not None
+
 
 def _shard_opt_state(state: TrainState, plan: _Plan, mesh: Any) -> TrainState:
     """Optimizer state as DTensors sharded by rows (global shape = the param's), so a
@@ -281,13 +292,8 @@ class _DataParallelHandler(Reducer):
             grads = self._comm(state.params).finish(grads)
         return next(state, grads, _global_count(count, self.group, self.pieces, state._spec.device))
 
-    def update(self, state: TrainState, grads, next):
-        if not self.layout.sharded:
-            return next(state, grads)
-        return _zero_update(self.layout, state, grads, self.group)
 
-
-def _zero_update(layout: DataParallel, state: TrainState, grads: dict[str, torch.Tensor], group: Any) -> TrainState:
+def _zero_update(layout: DataParallel, state: TrainState, grads: dict[str, torch.Tensor], group: Any) -> dict[str, Any]:
     plan = layout.plan(state.params)
     names = plan.names
     rt = state._runtime("TrainState.apply_gradients")
@@ -315,7 +321,7 @@ def _zero_update(layout: DataParallel, state: TrainState, grads: dict[str, torch
     _all_gather_params(plan, state.params, group)
     if not opt_state["initialized"]:
         opt_state = {"initialized": True, "state": adopt_opt_state(optimizer, names, views, opt_state)}
-    return state.successor(updated=True, opt_state=opt_state)
+    return opt_state
 
 
 def _square_sum(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:

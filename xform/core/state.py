@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+import contextvars
+from typing import Any, Callable, Mapping, Protocol
 
 import attrs
 import optree
@@ -14,13 +15,13 @@ from xform.core.optim import (
     _optimizer_factory,
     adopt_opt_state,
     build_optimizer,
+    local_part,
     optimizer_step,
     placeholder_opt_state,
 )
 from xform.tree import NAMESPACE
 
-__all__ = ["TrainState", "DonatedStateError"]
-
+__all__ = ["TrainState", "DonatedStateError", "ShardedUpdate", "sharded_update"]
 
 
 class DonatedStateError(RuntimeError):
@@ -47,6 +48,10 @@ class _Spec:
     aliases: Mapping[str, tuple[tuple[torch.nn.Module, str], ...]]  # name -> every (owner, attr)
     buffer_aliases: Mapping[str, tuple[tuple[torch.nn.Module, str], ...]]
     device: torch.device
+    max_consecutive_skips: int | None = 25
+    # What laid the state out (``shard``'s init sets it): a sharded step refuses a state
+    # laid out otherwise. Static, so ``replace``, ``tree.map`` and ``load(like=...)`` keep it.
+    layout: Any = None
 
 
 class _Runtime:
@@ -152,6 +157,7 @@ class TrainState:
         optimizer: type[torch.optim.Optimizer] | OptimizerFactory,
         seed: int = 0,
         max_grad_norm: float | None = None,
+        max_consecutive_skips: int | None = 25,
         **optimizer_kwargs: Any,
     ) -> "TrainState":
         """Builds the initial state of ``module`` trained by ``optimizer``.
@@ -166,6 +172,12 @@ class TrainState:
             seed: the key of the random stream used by ``apply`` (dropout, ...) and
                 the default shuffle seed of ``xf.DataLoader``.
             max_grad_norm: clip the gradient's global norm to this before each update.
+            max_consecutive_skips: an update whose gradient is not finite (NaN or inf,
+                in any precision, on any process) is skipped: params, optimizer state
+                and ``step`` stay, the data position advances, and
+                ``state.transforms["nonfinite"]`` counts it (``"skipped"`` in all,
+                ``"consecutive"`` in a row). This many skips in a row raise
+                ``FloatingPointError``; ``None`` never raises.
             **optimizer_kwargs: passed to the optimizer class. ``lr`` may be a function
                 ``step -> lr``, a schedule evaluated before each update.
         """
@@ -177,6 +189,17 @@ class TrainState:
             raise TypeError(f"TrainState.create: seed must be an int, got {seed!r}")
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"TrainState.create: max_grad_norm must be > 0 or None, got {max_grad_norm!r}")
+        if max_consecutive_skips is not None and (
+            isinstance(max_consecutive_skips, bool) or not isinstance(max_consecutive_skips, int)
+        ):
+            raise TypeError(
+                f"TrainState.create: max_consecutive_skips must be an int or None, got {max_consecutive_skips!r}"
+            )
+        if max_consecutive_skips is not None and max_consecutive_skips < 1:
+            raise ValueError(
+                f"TrainState.create: max_consecutive_skips must be >= 1 or None, got {max_consecutive_skips}; "
+                "pass None to skip non-finite updates without ever raising"
+            )
         schedule = None
         if callable(optimizer_kwargs.get("lr")):
             schedule = optimizer_kwargs["lr"]
@@ -212,6 +235,7 @@ class TrainState:
             aliases={k: tuple(v) for k, v in aliases.items()},
             buffer_aliases={k: tuple(v) for k, v in buffer_aliases.items()},
             device=devices.pop(),
+            max_consecutive_skips=max_consecutive_skips,
         )
         opt_state = {"initialized": False, "state": placeholder_opt_state(factory, params, trainable)}
         runtime = _Runtime(spec)
@@ -222,7 +246,7 @@ class TrainState:
             opt_state=opt_state,
             rng=seed,
             data={"seed": seed, "consumed": 0},
-            transforms={},
+            transforms={_NONFINITE: {"skipped": 0, "consecutive": 0}},
             spec=spec,
             life=_Life(runtime),
         )
@@ -374,6 +398,11 @@ class TrainState:
         """Same liveness and runtime, other non-tensor leaves (a handler's bookkeeping)."""
         return attrs.evolve(self, **changes, life=self._life)
 
+    def _laid_out(self, layout: Any) -> "TrainState":
+        """This state, tagged as laid out by ``layout`` (``shard``'s init); shares its tensors."""
+        spec = attrs.evolve(self._spec, layout=layout)
+        return attrs.evolve(self, spec=spec, life=_Life(_Runtime(spec), self._life.tensors))
+
     def _cast_params(self, dtype: torch.dtype) -> "TrainState":
         """Stores the params in ``dtype`` (no fp32 master copy); only before training."""
         if self._opt_state["initialized"]:
@@ -392,9 +421,12 @@ class TrainState:
         if self.donated:
             return f"TrainState(<donated to {self._life.donated_by}>)"
         n = sum(p.numel() for p in self._params.values())
+        counter = self._transforms.get(_NONFINITE)
+        skipped = f", skipped={counter['skipped']}" if counter and counter["skipped"] else ""
         return (
-            f"TrainState(step={self._step}, params={len(self._params)} tensors/{n:,} values, "
-            f"module={type(self._spec.module).__name__}, transforms={sorted(self._transforms)})"
+            f"TrainState(step={self._step}{skipped}, params={len(self._params)} tensors/{n:,} values, "
+            f"module={type(self._spec.module).__name__}, "
+            f"transforms={sorted(k for k in self._transforms if k != _NONFINITE)})"
         )
 
 
@@ -435,16 +467,90 @@ def _apply_gradients_base(state: TrainState, grads: dict[str, torch.Tensor], cou
     return primitives.dispatch("update", _update_base, state, grads)
 
 
+class ShardedUpdate(Protocol):
+    """How the base ``update`` runs under ``shard`` (set by its handler with ``sharded_update``).
+
+    ``agree(bad)`` takes this process's "gradient not finite" flag (a 0-dim tensor,
+    nonzero when its part of the gradient holds a NaN or inf) and returns, on every process alike, whether the gradient is finite on all of them
+    (one small all-reduce and one host read). ``run(state, grads)``, when not None, is
+    the optimizer update on this process's shards (ZeRO); it returns the new
+    ``opt_state``."""
+
+    def agree(self, bad: torch.Tensor) -> bool: ...
+
+    run: Callable[["TrainState", dict[str, torch.Tensor]], dict[str, Any]] | None
+
+
+_SHARDED: contextvars.ContextVar[ShardedUpdate | None] = contextvars.ContextVar("xform_sharded_update", default=None)
+
+
+class sharded_update:
+    """Makes the base ``update`` inside run under ``how`` (a ``ShardedUpdate``)."""
+
+    __slots__ = ("how", "token")
+
+    def __init__(self, how: ShardedUpdate):
+        self.how = how
+
+    def __enter__(self) -> None:
+        self.token = _SHARDED.set(self.how)
+
+    def __exit__(self, *exc: Any) -> None:
+        _SHARDED.reset(self.token)
+
+
+_NONFINITE = "nonfinite"
+_TOO_MANY_SKIPS = (
+    "TrainState.apply_gradients: the gradient was not finite (NaN or inf) in {n} updates in a row, all "
+    "skipped (step {step}, data position {consumed}; params unchanged since). Lower the learning rate, "
+    "check the data before that position, use bf16 rather than fp16, or raise "
+    "TrainState.create(max_consecutive_skips=...) (None: never raise)"
+)
+
+
+def _nonfinite(grads: list[torch.Tensor]) -> torch.Tensor:
+    """A 0-dim float32 tensor, 1 when any gradient holds a NaN or inf (this process's part).
+
+    torch's fused check (GradScaler's, here with a scale of 1): one kernel, a few µs."""
+    if not grads:
+        return torch.zeros(())
+    local = [local_part(g) for g in grads] if hasattr(grads[0], "to_local") else grads
+    found = torch.zeros((), dtype=torch.float32, device=local[0].device)
+    torch._amp_foreach_non_finite_check_and_unscale_(local, found, torch.ones((), device=local[0].device))
+    return found
+
+
 def _update_base(state: TrainState, grads: dict[str, torch.Tensor]) -> TrainState:
     spec = state._spec
     rt = state._runtime("TrainState.apply_gradients")
+    sharded = _SHARDED.get()
+    glist = [grads[k] for k in spec.trainable]
+    # The one host read of a step: whether to update. A skipped update changes nothing but
+    # the data position and the counter (see TrainState.create's max_consecutive_skips).
+    bad = _nonfinite(glist)
+    finite = sharded.agree(bad) if sharded is not None else not bool(bad)
+    counter = state._transforms.get(_NONFINITE)
+    if not finite:
+        if counter is None:
+            return state.successor(updated=False)
+        n = counter["consecutive"] + 1
+        if spec.max_consecutive_skips is not None and n >= spec.max_consecutive_skips:
+            raise FloatingPointError(_TOO_MANY_SKIPS.format(n=n, step=state._step, consumed=state._data["consumed"]))
+        counter = {"skipped": counter["skipped"] + 1, "consecutive": n}
+        return state.successor(updated=False, transforms={**state._transforms, _NONFINITE: counter})
     opt_state = state._opt_state
-    if rt.optimizer is None:
-        rt.optimizer = build_optimizer(spec.optimizer, spec.trainable, state._params, opt_state)
-    params = [state._params[k] for k in spec.trainable]
-    optimizer_step(state, rt.optimizer, params, [grads[k] for k in spec.trainable])
-    if not opt_state["initialized"]:
-        opt_state = {"initialized": True, "state": adopt_opt_state(rt.optimizer, spec.trainable, params, opt_state)}
+    if sharded is not None and sharded.run is not None:
+        opt_state = sharded.run(state, grads)
+    else:
+        if rt.optimizer is None:
+            rt.optimizer = build_optimizer(spec.optimizer, spec.trainable, state._params, opt_state)
+        params = [state._params[k] for k in spec.trainable]
+        optimizer_step(state, rt.optimizer, params, glist)
+        if not opt_state["initialized"]:
+            opt_state = {"initialized": True, "state": adopt_opt_state(rt.optimizer, spec.trainable, params, opt_state)}
+    if counter is not None and counter["consecutive"]:
+        transforms = {**state._transforms, _NONFINITE: {**counter, "consecutive": 0}}
+        return state.successor(updated=True, opt_state=opt_state, transforms=transforms)
     return state.successor(updated=True, opt_state=opt_state)
 
 

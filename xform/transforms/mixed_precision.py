@@ -1,19 +1,24 @@
 """``mixed_precision``: compute in a lower precision, keep fp32 master weights.
 
-Nesting: ``mixed_precision`` may sit inside or outside ``accumulate`` with the same
-meaning. The loss-scale check wraps the one real optimizer update (the ``update``
-primitive), and autocast wraps every ``apply``, whatever the order.
+Nesting: ``mixed_precision`` may sit inside or outside ``accumulate`` and ``shard`` with
+the same meaning. The loss scale's unscale wraps the one real optimizer update (the
+``update`` primitive; under ZeRO the sharded update is reached through it too), and
+autocast wraps every ``apply``, whatever the order. Whether the unscaled gradient is
+finite is decided by the update itself, in every precision, agreed by all processes
+under ``shard``: a skipped update halves the dynamic scale on every process.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import dataclasses
+from typing import Any, Callable, Mapping
 
 import attrs
 import torch
 
 from xform import tree
 from xform.core.mean import Mean
+from xform.core.optim import local_part
 from xform.core.primitives import Handler, installed
 from xform.core.state import TrainState
 from xform.core.transform import check_step, wrap
@@ -51,6 +56,9 @@ class Policy:
     compute_dtype: torch.dtype = attrs.field(kw_only=True, default=torch.float32)
     output_dtype: torch.dtype = attrs.field(kw_only=True, default=torch.float32)
 
+    def __attrs_post_init__(self) -> None:
+        _check_policy(self)
+
     @classmethod
     def parse(cls, spec: "str | Policy") -> "Policy":
         """``"bf16"``, ``"fp16"``, ``"fp32"`` or ``"params=...,compute=...,output=..."``.
@@ -86,12 +94,65 @@ class Policy:
         return f"params={name(self.param_dtype)},compute={name(self.compute_dtype)},output={name(self.output_dtype)}"
 
 
+_WIDTH = {torch.float32: 32, torch.bfloat16: 16, torch.float16: 16}
+
+
+def _check_policy(policy: "Policy") -> None:
+    """Refuses policies that cannot mean what they say."""
+    fields = {"params": policy.param_dtype, "compute": policy.compute_dtype, "output": policy.output_dtype}
+    for key, dtype in fields.items():
+        if dtype not in _WIDTH:
+            raise TypeError(
+                f"mixed_precision: a policy's {key} dtype must be torch.float32, torch.bfloat16 or "
+                f"torch.float16, got {dtype!r}"
+            )
+    name = lambda d: str(d).removeprefix("torch.")  # noqa: E731
+    spec = ",".join(f"{k}={name(v)}" for k, v in fields.items())
+    if {torch.float16, torch.bfloat16} <= set(fields.values()):
+        raise ValueError(
+            f"mixed_precision: the policy {spec} mixes float16 and bfloat16, whose ranges differ (a cast "
+            "between them overflows or drops digits); keep one 16-bit type, e.g. "
+            "'params=float32,compute=bfloat16' or 'fp16' (float32 params, float16 compute)"
+        )
+    if _WIDTH[policy.compute_dtype] > _WIDTH[policy.param_dtype]:
+        raise ValueError(
+            f"mixed_precision: the policy {spec} computes in a wider dtype than the params are stored in, "
+            f"which pays for {name(policy.compute_dtype)} compute with {name(policy.param_dtype)} precision; "
+            f"use 'params=float32,compute={name(policy.param_dtype)}' (float32 master weights) or "
+            f"'params={name(policy.param_dtype)}'"
+        )
+
+
 def _cast_floats(x: Any, dtype: torch.dtype) -> Any:
     if type(x) is torch.Tensor:  # the common case, without the pytree machinery
         return x.to(dtype) if x.is_floating_point() and x.dtype != dtype else x
-    return tree.map(
-        lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != dtype else t, x
-    )
+    return tree.map(lambda t: _cast_leaf(t, dtype), x)
+
+
+def _cast_leaf(t: Any, dtype: torch.dtype) -> Any:
+    """A leaf of the pytree: a tensor, or a container the pytree does not know (Hugging
+    Face's ``ModelOutput``, other ``Mapping`` subclasses, dataclasses), cast inside and
+    rebuilt as the same type."""
+    if isinstance(t, torch.Tensor):
+        return t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
+    if isinstance(t, Mapping):
+        items = {k: _cast_floats(v, dtype) for k, v in t.items()}
+        if dataclasses.is_dataclass(t):
+            names = {f.name for f in dataclasses.fields(t) if f.init}
+            if set(items) <= names:
+                return dataclasses.replace(t, **items)
+        try:
+            return type(t)(items)
+        except TypeError as e:
+            raise TypeError(
+                f"mixed_precision: cannot cast an output of type {type(t).__name__} to {dtype} ({e}); return "
+                "a dict, tuple or dataclass from the module, or use a policy whose output dtype is the compute dtype"
+            ) from None
+    if dataclasses.is_dataclass(t) and not isinstance(t, type):
+        return dataclasses.replace(
+            t, **{f.name: _cast_floats(getattr(t, f.name), dtype) for f in dataclasses.fields(t) if f.init}
+        )
+    return t
 
 
 # --- loss scales: frozen settings; their values live in TrainState.transforms -------------
@@ -147,14 +208,17 @@ class DynamicLossScale:
         if not finite:
             return {"scale": torch.clamp(scale / self.factor, min=self.min_scale), "good_steps": torch.zeros_like(good)}
         good = good + 1
-        if int(good) >= self.growth_interval:
-            return {"scale": scale * self.factor, "good_steps": torch.zeros_like(good)}
-        return {"scale": scale, "good_steps": good}
+        grow = good >= self.growth_interval  # on the device: no host read
+        return {"scale": torch.where(grow, scale * self.factor, scale), "good_steps": torch.where(grow, 0, good)}
 
 
 LossScale = NoOpLossScale | StaticLossScale | DynamicLossScale
 _KEY = "mixed_precision"
 
+_TWICE = (
+    "mixed_precision: the step called state.apply_gradients twice; a step must call it exactly once "
+    "(sum the losses, or the grads, and apply them once)"
+)
 _NO_INIT = (
     "mixed_precision: the state has no loss scale; lay it out first with state = step.init(state) "
     "(the step returned by the transforms)"
@@ -166,6 +230,7 @@ class _Handler(Handler):
         self.policy = policy
         self.loss_scale = loss_scale
         self.scale: torch.Tensor | None = None
+        self.calls = 0  # apply_gradients calls in this call of the step
 
     def apply(self, state, params, args, kwargs, next):
         device = state._runtime("xf.apply").device
@@ -181,19 +246,24 @@ class _Handler(Handler):
         objective = next(loss)
         return objective if self.scale is None else objective * self.scale
 
+    def apply_gradients(self, state, grads, count, next):
+        self.calls += 1
+        if self.calls > 1:
+            raise RuntimeError(_TWICE)
+        return next(state, grads, count)
+
     def update(self, state: TrainState, grads, next):
         if self.scale is None:
             return next(state, grads)
         value = state.transforms[_KEY]
-        glist = list(grads.values())
-        found_inf = torch.zeros((), dtype=torch.float32, device=glist[0].device)
-        inv_scale = (1.0 / value["scale"].double()).float()
-        torch._amp_foreach_non_finite_check_and_unscale_(glist, found_inf, inv_scale)
-        finite = not bool(found_inf)
-        transforms = {**state.transforms, _KEY: self.loss_scale.adjust(value, finite)}
-        if not finite:
-            return state.successor(updated=False, transforms=transforms)
-        return next(state, grads)._evolve_leaves(transforms=transforms)
+        # Unscale on the device; whether the result is finite (on every process, under
+        # shard) is decided once, by the update itself, which skips a non-finite one.
+        glist = [local_part(g) for g in grads.values()]
+        torch._foreach_mul_(glist, (1.0 / value["scale"].double()).float())
+        before = state._step
+        new = next(state, grads)
+        finite = new._step != before
+        return new._evolve_leaves(transforms={**new.transforms, _KEY: self.loss_scale.adjust(value, finite)})
 
 
 def mixed_precision(

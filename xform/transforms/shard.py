@@ -14,14 +14,17 @@ Nesting (outermost first):
 
 from __future__ import annotations
 
+import fractions
 from typing import Any, Callable
+
+import torch
 
 from xform.core.backend import get_backend
 from xform.core.strategies import (  # noqa: F401  (re-exported)
     STRATEGIES, FullyShard, HybridShard, Replicate, Strategy, TensorParallel, ZeRO, parse_strategy,
 )
-from xform.core.primitives import installed
-from xform.core.state import TrainState
+from xform.core.primitives import Handler, installed
+from xform.core.state import TrainState, sharded_update
 from xform.core.transform import check_step, wrap
 
 __all__ = [
@@ -74,21 +77,136 @@ def shard(step: Callable[..., Any], strategy: "str | Strategy" = "replicate", *,
         backend: the backend's name in ``xform.core.backend.BACKENDS`` (default ``"torch"``).
 
     ``step.init(state)`` lays the state out: replicated params are made equal on all
-    processes (rank 0's), sharded ones are split. On one process without a process group
-    the step runs unchanged.
+    processes (rank 0's), sharded ones are split. The state remembers it (a tag in its
+    static part, kept by ``replace``, ``tree.map`` and ``xf.load(path, like=...)``), and the
+    step refuses a state not laid out for its strategy. On one process without a process
+    group the step runs unchanged (after the same check).
+
+    Every process takes the same decision on each update: whether the gradient is finite
+    is agreed by one small all-reduce per step, so a NaN or an fp16 overflow in one
+    process's shard is skipped by all of them (``TrainState.create``'s
+    ``max_consecutive_skips``). The same all-reduce carries each process's batch size: with
+    a plain mean loss, batches of unequal sizes are refused (with ``xf.Mean`` losses they
+    are exact and allowed).
     """
     check_step("shard", step)
     strategy = parse_strategy(strategy)
     if "shard" in getattr(step, "xform_transforms", ()):
         raise ValueError("shard: this step is already sharded; apply shard once, outermost")
     layout = get_backend(backend).layout(strategy, mesh, inner=step)
+    tag = _Tag(strategy, mesh)
+    runs_optimizer = getattr(type(layout), "runs_optimizer", None) is not None
+
+    def init(state: TrainState) -> TrainState:
+        return layout.init(state)._laid_out(tag)
 
     def call(state: TrainState, batch: Any):
-        with installed(layout.handler()):
+        laid_out = state._spec.layout
+        if laid_out is not tag and laid_out != tag:
+            raise ValueError(_not_laid_out(laid_out, tag))
+        handler = layout.handler()
+        if not handler.reduces:  # one process, no process group: the plain step
+            with installed(handler):
+                return step(state, batch)
+        run = layout.optimizer_update if runs_optimizer and layout.runs_optimizer else None
+        with installed(handler), installed(_Guard(handler, _rows(batch), run)):
             return step(state, batch)
 
     return wrap(
-        step, call, layout.init,
+        step, call, init,
         xform_transforms=getattr(step, "xform_transforms", ()) + ("shard",),
         strategy=strategy,
     )
+
+
+class _Tag:
+    """What ``shard``'s init lays a state out for (kept in the state's static part)."""
+
+    __slots__ = ("strategy", "mesh")
+
+    def __init__(self, strategy: Any, mesh: Any):
+        self.strategy, self.mesh = strategy, mesh
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Tag) and self.strategy == other.strategy and (
+            self.mesh is other.mesh or self.mesh == other.mesh
+        )
+
+    def __hash__(self) -> int:
+        return hash(type(self.strategy))
+
+    def __str__(self) -> str:
+        return f"shard({self.strategy.name!r})"
+
+
+def _not_laid_out(laid_out: Any, tag: _Tag) -> str:
+    if laid_out is None:
+        what = f"was not laid out for {tag}"
+    else:
+        what = f"was laid out for {laid_out}{'' if laid_out.mesh == tag.mesh else ' on another mesh'}, not for {tag}"
+    return (
+        f"shard: this state {what}; call state = step.init(state) with this step right after "
+        "TrainState.create (or load a checkpoint with xf.load(path, like=step.init(fresh_state)))"
+    )
+
+
+def _rows(batch: Any) -> int:
+    """The batch's leading size: of its first tensor with a batch dimension (0 if none)."""
+    first = next(iter(batch.values()), None) if type(batch) is dict else batch
+    if type(first) is torch.Tensor and first.dim() > 0:
+        return first.shape[0]
+    from xform import tree
+
+    for leaf in tree.leaves(batch):
+        if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
+            return leaf.shape[0]
+    return 0
+
+
+_UNEQUAL = (
+    "shard: the processes got batches of unequal sizes ({mine} rows on this process, {total} over {world} "
+    "processes) with a plain mean loss, which weights every process alike and would not equal the step "
+    "on the global batch; give every process the same number of rows (xf.DataLoader does), or return "
+    "the loss as xf.Mean(sum, count) to normalize by the global count"
+)
+_TWICE = (
+    "shard: the step called state.apply_gradients twice; a step must call it exactly once "
+    "(sum the losses, or the grads, and apply them once)"
+)
+
+
+class _Guard(Handler):
+    """``shard``'s own handler, inside the backend's: one ``apply_gradients`` per call, and
+    the update's "is the gradient finite" agreed by every process, so that all of them
+    skip or update together (one small all-reduce, which also carries the batch sizes)."""
+
+    def __init__(self, reducer: Handler, rows: int, run: Any):
+        self.reducer, self.rows, self.run = reducer, rows, run
+        self.calls = 0
+        self.plain = False
+
+    def apply_gradients(self, state, grads, count, next):
+        self.calls += 1
+        if self.calls > 1:
+            raise RuntimeError(_TWICE)
+        pending = count if count is not None else getattr(self.reducer, "pending", None)
+        self.plain = isinstance(pending, fractions.Fraction)  # a plain mean: counts assume equal pieces
+        return next(state, grads, count)
+
+    def update(self, state, grads, next):
+        with sharded_update(self):
+            return next(state, grads)
+
+    def agree(self, bad: torch.Tensor) -> bool:
+        import torch.distributed as dist
+
+        n = float(self.rows)
+        status = torch.full((3,), n, dtype=torch.float64, device=bad.device)
+        status[0].copy_(bad)
+        status[2].fill_(n * n)
+        dist.all_reduce(status)
+        nonfinite, total, squares = status.tolist()  # the step's one host read
+        world = dist.get_world_size()
+        if self.plain and world * squares != total * total:  # sizes differ (Cauchy-Schwarz)
+            raise ValueError(_UNEQUAL.format(mine=self.rows, total=int(total), world=world))
+        return nonfinite == 0
