@@ -34,6 +34,18 @@ def step(state, batch):
     return state.apply_gradients(grads), {"loss": loss}
 
 
+def mean_step(state, batch):
+    """``step`` with the loss as ``xf.Mean`` over the elements (normalized by the global count)."""
+
+    def loss_fn(params):
+        out = xf.apply(state, params, batch["x"])
+        per = (out.float() - batch["y"]) ** 2 * batch["mult"]
+        return xf.Mean(per.sum(), per.numel())
+
+    loss, grads = xf.value_and_grad(loss_fn)(state.params)
+    return state.apply_gradients(grads), {"loss": loss}
+
+
 def batches(bad: tuple[int, ...], value: float, n: int = 3) -> list[dict[str, torch.Tensor]]:
     """``n`` global batches; in batch i of ``bad`` the rows of the second half (rank 1's
     slice on 2 processes) multiply output COLUMN's loss by ``value`` (1e38: an fp16 loss
@@ -48,7 +60,7 @@ def batches(bad: tuple[int, ...], value: float, n: int = 3) -> list[dict[str, to
     return out
 
 
-def build(precision: str, order: str, k: int, strategy: str | None):
+def build(precision: str, order: str, k: int, strategy: str | None, loss: str = "plain"):
     """The step with mixed_precision inside shard ("inner": shard(accumulate(mp(f)))) or
     outside it ("outer": mp(shard(accumulate(f)))); accumulate only when k > 1."""
 
@@ -58,6 +70,7 @@ def build(precision: str, order: str, k: int, strategy: str | None):
     def acc(s):
         return xf.accumulate(s, k) if k > 1 else s
 
+    step = globals()["step"] if loss == "plain" else mean_step
     if strategy is None:
         return mp(acc(step))
     mesh = xf.mesh(replicate=2, shard=dist.get_world_size() // 2) if strategy == "hsdp" else None
@@ -70,10 +83,12 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
 
 
-def train(precision: str, order: str, k: int, strategy: str | None, bad: tuple[int, ...], value: float) -> dict[str, Any]:
+def train(
+    precision: str, order: str, k: int, strategy: str | None, bad: tuple[int, ...], value: float, loss: str = "plain"
+) -> dict[str, Any]:
     """Trains on this process's slice of each global batch; what every process saw."""
     world, rank = (dist.get_world_size(), dist.get_rank()) if strategy else (1, 0)
-    s = build(precision, order, k, strategy)
+    s = build(precision, order, k, strategy, loss)
     state = s.init(xf.TrainState.create(model(), optimizer=torch.optim.SGD, lr=0.1)) if hasattr(s, "init") else (
         xf.TrainState.create(model(), optimizer=torch.optim.SGD, lr=0.1)
     )
@@ -93,9 +108,13 @@ def train(precision: str, order: str, k: int, strategy: str | None, bad: tuple[i
     }
 
 
-def train_all(strategy: str, precision: str, bad: tuple[int, ...], value: float) -> dict[tuple[str, int], Any]:
+def train_all(
+    strategy: str, precision: str, bad: tuple[int, ...], value: float, loss: str = "plain"
+) -> dict[tuple[str, int], Any]:
     """Every nesting order, with and without accumulate, under ``strategy``."""
-    return {(order, k): train(precision, order, k, strategy, bad, value) for order in ("inner", "outer") for k in (1, 2)}
+    return {
+        (order, k): train(precision, order, k, strategy, bad, value, loss) for order in ("inner", "outer") for k in (1, 2)
+    }
 
 
 # --- layout tag, batch sizes, apply_gradients twice -----------------------------------------

@@ -62,3 +62,14 @@ def test_fp32_nan_on_one_rank_is_skipped_by_all_and_equals_one_process(pool2, st
     reference = {k: sup.train("fp32", "inner", k, None, (1,), math.nan) for k in (1, 2)}
     results = pool2.run(sup.train_all, strategy, "fp32", (1,), math.nan)
     _check(results, reference, scales=[None, None, None], atol=1e-6)
+
+
+@pytest.mark.parametrize("strategy", ["replicate", "zero1", "zero2"])
+def test_nan_on_one_rank_with_a_mean_loss(pool2, strategy):
+    """With an xf.Mean loss and gradients all-reduced whole (replicate, zero1) the flag
+    needs no all-reduce of its own (the gradient is the same everywhere); under zero2 it
+    does. Every process skips. (fp32: under fp16 an xf.Mean's un-normalized total times
+    the loss scale overflows where one process's normalized loss does not.)"""
+    reference = {k: sup.train("fp32", "inner", k, None, (1,), math.nan, "mean") for k in (1, 2)}
+    results = pool2.run(sup.train_all, strategy, "fp32", (1,), math.nan, "mean")
+    _check(results, reference, scales=[None, None, None], atol=1e-6)

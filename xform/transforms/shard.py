@@ -96,6 +96,8 @@ def shard(step: Callable[..., Any], strategy: "str | Strategy" = "replicate", *,
     layout = get_backend(backend).layout(strategy, mesh, inner=step)
     tag = _Tag(strategy, mesh)
     runs_optimizer = getattr(type(layout), "runs_optimizer", None) is not None
+    # Gradients all-reduced whole are the same on every process: so is their finiteness.
+    whole = isinstance(strategy, Replicate) or (isinstance(strategy, ZeRO) and strategy.stage == 1)
 
     def init(state: TrainState) -> TrainState:
         return layout.init(state)._laid_out(tag)
@@ -109,7 +111,7 @@ def shard(step: Callable[..., Any], strategy: "str | Strategy" = "replicate", *,
             with installed(handler):
                 return step(state, batch)
         run = layout.optimizer_update if runs_optimizer and layout.runs_optimizer else None
-        with installed(handler), installed(_Guard(handler, _rows(batch), run)):
+        with installed(handler), installed(_Guard(handler, _rows(batch), run, whole)):
             return step(state, batch)
 
     return wrap(
@@ -178,10 +180,12 @@ _TWICE = (
 class _Guard(Handler):
     """``shard``'s own handler, inside the backend's: one ``apply_gradients`` per call, and
     the update's "is the gradient finite" agreed by every process, so that all of them
-    skip or update together (one small all-reduce, which also carries the batch sizes)."""
+    skip or update together (one small all-reduce, which also carries the batch sizes;
+    none when the gradient was all-reduced whole and the loss is an ``xf.Mean``, for which
+    unequal batches are exact)."""
 
-    def __init__(self, reducer: Handler, rows: int, run: Any):
-        self.reducer, self.rows, self.run = reducer, rows, run
+    def __init__(self, reducer: Handler, rows: int, run: Any, whole: bool):
+        self.reducer, self.rows, self.run, self.whole = reducer, rows, run, whole
         self.calls = 0
         self.plain = False
 
@@ -198,6 +202,8 @@ class _Guard(Handler):
             return next(state, grads)
 
     def agree(self, bad: torch.Tensor) -> bool:
+        if self.whole and not self.plain:
+            return not bool(bad)
         import torch.distributed as dist
 
         n = float(self.rows)
