@@ -372,3 +372,23 @@ def test_tied_weights_round_trip(tmp_path):
 
     make = lambda: xf.TrainState.create(Tied(), optimizer=torch.optim.AdamW, lr=1e-2)  # noqa: E731
     assert_resume_equivalent(step, make, BATCHES, 2, tmp_path)
+
+
+def test_the_recorded_global_batch_size_survives_a_checkpoint(tmp_path):
+    """Catches: a resume with another global batch size going unnoticed because the
+    checkpoint lost (or ``like`` overrode) the size the position was counted in."""
+    dataset = torch.utils.data.TensorDataset(torch.randn(24, 4), torch.randint(0, 3, (24,)))
+    loader = xf.DataLoader(dataset, batch_size=4)
+    state = loader.attach(make_state())
+    for _, (x, y) in zip(range(3), loader.iterate(state)):
+        state, _ = step(state, {"x": x, "y": y})
+    manager = xf.CheckpointManager(tmp_path, keep=1)
+    manager.save(state)
+    restored = manager.restore(like=make_state())  # `like` records no size
+    assert restored.data == {"seed": 0, "consumed": 3, "global_batch_size": 4}
+    with pytest.raises(ValueError, match="counts global batches of 4 examples, but this loader's global batch is 8"):
+        next(xf.DataLoader(dataset, batch_size=8).iterate(restored))
+    assert loader.attach(restored) is restored
+    # A checkpoint of an unrecorded position loads into a `like` that records one.
+    plain = xf.load(xf.save(make_state(), tmp_path / "plain"), like=loader.attach(make_state()))
+    assert plain.data == {"seed": 0, "consumed": 0}

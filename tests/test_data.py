@@ -219,3 +219,70 @@ def test_loading_in_the_main_process_leaves_the_global_random_streams_alone():
     assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]
     again = [b.clone() for b in loader.iterate(state)]  # augmentations depend on the batch alone
     assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+# --- a changed global batch size on resume (issue 7) ----------------------------------------
+
+
+def flat(batches):
+    return [i for b in batches for i in b.tolist()]
+
+
+def test_resuming_with_another_global_batch_size_is_refused():
+    """Catches: a resume with another global batch size silently repeating and skipping
+    examples (6 repeated and 38 skipped in the report): the position counts batches."""
+    data = torch.arange(24)
+    six = xf.DataLoader(data, batch_size=6)
+    state = at(six.attach(STATE), 3)  # 3 batches of 6 served (a restored checkpoint, say)
+    assert state.data == {"seed": 3, "consumed": 3, "global_batch_size": 6}
+    four = xf.DataLoader(data, batch_size=4)
+    message = "the state's data position counts global batches of 6 examples, but this loader's global batch is 4"
+    with pytest.raises(ValueError, match=f"xf.DataLoader.iterate: {message}.*global_batch_size=6.*reslice=True"):
+        next(four.iterate(state))
+    with pytest.raises(ValueError, match=f"xf.DataLoader.attach: {message}"):
+        four.attach(state)
+    with pytest.raises(ValueError, match=f"xf.DataLoader.position: {message}"):
+        four.position(state)
+    # The same global batch on another number of processes resumes exactly.
+    halves = [xf.DataLoader(data, global_batch_size=6, rank=r, world_size=2) for r in (0, 1)]
+    assert [h.attach(state) is state for h in halves] == [True, True]
+    assert flat([next(h.iterate(state)) for h in halves]) == flat([next(six.iterate(state))])
+
+
+def test_attach_records_the_size_once_and_updates_keep_it():
+    loader = xf.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 4), torch.randint(0, 3, (8,))), batch_size=4)
+    state = loader.attach(make_state())
+    assert loader.attach(state) is state
+    for x, y in loader.iterate(state):
+        state, _ = step(state, {"x": x, "y": y})
+    assert state.data == {"seed": 0, "consumed": 2, "global_batch_size": 4}
+
+
+def test_reslice_continues_at_the_example_position():
+    data = torch.arange(24)
+    six, four = xf.DataLoader(data, batch_size=6), xf.DataLoader(data, batch_size=4)
+    for consumed in (2, 4 + 2):  # 12 examples into epoch 0, then into epoch 1
+        state = at(six.attach(STATE), consumed)
+        epoch = consumed // 4
+        served = flat(itertools.islice(six.iterate(at(state, 4 * epoch)), consumed % 4))
+        resliced = four.attach(state, reslice=True)
+        assert resliced.data == {"seed": 3, "consumed": 6 * epoch + 3, "global_batch_size": 4}
+        rest = flat(four.iterate(resliced, epochs=1))
+        assert sorted(served + rest) == list(range(24))  # none twice, none skipped
+        assert served + rest == six.order(3, epoch).tolist()
+
+
+def test_reslice_off_a_batch_boundary_skips_less_than_a_batch_and_says_so():
+    data = torch.arange(24)
+    six, four = xf.DataLoader(data, batch_size=6), xf.DataLoader(data, batch_size=4)
+    state = at(six.attach(STATE), 3)  # 18 examples served; batches of 4 start at 16 and 20
+    with pytest.warns(UserWarning, match="skips 2 examples of epoch 0 to start at a batch boundary"):
+        resliced = four.attach(state, reslice=True)
+    assert resliced.data["consumed"] == 5
+    assert flat(four.iterate(resliced, epochs=1)) == six.order(3, 0)[20:].tolist()
+
+
+def test_a_bad_recorded_size_is_refused():
+    bad = STATE.replace(data={**STATE.data, "global_batch_size": "6"})
+    with pytest.raises(ValueError, match="records global_batch_size='6', which is not a positive int"):
+        next(xf.DataLoader(torch.arange(8), batch_size=4).iterate(bad))

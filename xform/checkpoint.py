@@ -393,8 +393,13 @@ def load(path: str | os.PathLike, *, like: TrainState) -> TrainState:
         raise FileNotFoundError(f"xf.load: no checkpoint at {path} (no {_META} in it)")
     meta = _read_meta(path)
     paths, like_leaves, spec = _entries(like)
-    saved = {e["path"]: e for e in meta["leaves"]}
-    saved_paths = [e["path"] for e in meta["leaves"]]
+    # The data position is the checkpoint's, whatever keys it has (DataLoader.attach adds
+    # "global_batch_size"); `like`'s own position is not compared.
+    position = _position(path, [e for e in meta["leaves"] if _is_data(e["path"])])
+    saved = {e["path"]: e for e in meta["leaves"] if not _is_data(e["path"])}
+    saved_paths = [e["path"] for e in meta["leaves"] if not _is_data(e["path"])]
+    like_data = [(p, ref) for p, ref in zip(paths, like_leaves) if _is_data(p)]
+    paths, like_leaves = map(list, zip(*[(p, ref) for p, ref in zip(paths, like_leaves) if not _is_data(p)]))
     if saved_paths != paths:
         in_like = set(paths)
         only_like = next((i for i, p in enumerate(paths) if p not in saved), None)
@@ -427,19 +432,44 @@ def load(path: str | os.PathLike, *, like: TrainState) -> TrainState:
         _read_dcp(path, targets, checksums)
     else:
         _read_single(path, targets, checksums)
-    leaves = []
+    leaves = {p: ref for p, ref in like_data}
     for p, ref in zip(paths, like_leaves):
         if isinstance(ref, torch.Tensor):
             t = targets[p]
             if ref.requires_grad and not in_place:
                 t.requires_grad_(True)
-            leaves.append(ref if in_place and p.startswith("params") else t)
+            leaves[p] = ref if in_place and p.startswith("params") else t
         else:
-            leaves.append(saved[p]["value"])
-    out = optree.tree_unflatten(spec, leaves)
+            leaves[p] = saved[p]["value"]
+    all_paths, _, _ = _entries(like)
+    out = optree.tree_unflatten(spec, [leaves[p] for p in all_paths])
+    if position != out.data:
+        out = out.replace(data=position)
     if in_place:
         like._donate("xf.load, which loaded its sharded params in place")
     return out
+
+
+def _is_data(p: str) -> bool:
+    return p.startswith("data[")
+
+
+_DATA_KEY = re.compile(r"data\['([A-Za-z_][A-Za-z0-9_]*)'\]")
+
+
+def _position(path: Path, entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """The data position of meta.json's leaves: ``seed`` and ``consumed`` ints, and other
+    keys (``global_batch_size``) ints or None."""
+    position = {}
+    for e in entries:
+        key = _DATA_KEY.fullmatch(e["path"])
+        if key is None or e["kind"] not in ("int", "NoneType"):
+            raise _fail(path, _META, f"the data position leaf {e['path']} must be an int or null under a plain key, got {e}")
+        position[key.group(1)] = e["value"]
+    for key in ("seed", "consumed"):
+        if not _is_int(position.get(key)):
+            raise _fail(path, _META, f"the data position must hold an int {key!r}, got {position.get(key)!r}")
+    return position
 
 
 def _is_int(x: Any) -> bool:

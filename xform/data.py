@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import random
 import sys
+import warnings
 from typing import Any, Callable, Iterator
 
 import torch
@@ -90,7 +91,9 @@ class DataLoader:
     is the batch a single process would get with ``batch_size=G``. The position counts
     global batches, so a checkpoint taken on N processes resumes on M with exactly the
     next global batches when ``global_batch_size`` is kept (pass
-    ``global_batch_size=G``, or scale ``batch_size`` by ``N / M``).
+    ``global_batch_size=G``, or scale ``batch_size`` by ``N / M``). ``attach(state)``
+    records ``G`` in the position; from then on ``iterate`` refuses a loader of another
+    global batch size (``attach(state, reslice=True)`` opts into re-slicing the epoch).
 
     The last global batch of an epoch may be short. With ``drop_last=False`` and several
     processes it is padded, as ``torch.utils.data.DistributedSampler`` pads, with
@@ -202,12 +205,95 @@ class DataLoader:
 
     def __len__(self) -> int:
         """Batches per epoch."""
-        n = len(self.dataset) / self.global_batch_size
+        return self._per_epoch(self.global_batch_size)
+
+    def _per_epoch(self, global_batch_size: int) -> int:
+        n = len(self.dataset) / global_batch_size
         return math.floor(n) if self.drop_last else math.ceil(n)
 
     def position(self, state: TrainState) -> tuple[int, int]:
         """``(epoch, index of the next batch in that epoch)`` for ``state``."""
+        self._check(state, "xf.DataLoader.position")
         return divmod(state.data["consumed"], len(self))
+
+    def attach(self, state: TrainState, *, reslice: bool = False) -> TrainState:
+        """``state`` with its data position recorded in this loader's global batch size.
+
+        The position counts global batches, so it means something only with the global
+        batch size that produced it. Once recorded (``state.data["global_batch_size"]``,
+        kept by every update and by checkpoints), ``iterate`` refuses a loader of
+        another global batch size instead of repeating or skipping examples. Call it on
+        the state the training loop starts from, fresh or restored:
+
+        .. code-block:: python
+
+            state = loader.attach(manager.restore(like=state) or state)
+            for batch in loader.iterate(state):
+                state, metrics = step(state, batch)
+
+        Args:
+            state: the state to train from. Returned unchanged when it already records
+                this global batch size; a new state (``state.replace``) otherwise.
+            reslice: when ``state`` records another global batch size, continue at its
+                example position instead of refusing: the rest of the current epoch is
+                cut into batches of this loader's size, starting at the first batch
+                boundary at or after the examples already served (a warning says how
+                many examples that skips; none when the position falls on a boundary).
+                Nothing is ever served twice.
+
+        Raises:
+            ValueError: ``state`` records another global batch size and ``reslice`` is
+                False.
+        """
+        api = "xf.DataLoader.attach"
+        if not isinstance(state, TrainState):
+            raise TypeError(f"{api}: expected a TrainState, got {type(state).__name__}")
+        recorded, size = self._recorded(state, api), self.global_batch_size
+        if recorded == size:
+            return state
+        if recorded is None:
+            return state.replace(data={**state.data, "global_batch_size": size})
+        if not reslice:
+            raise ValueError(self._mismatch(api, recorded))
+        epoch, b = divmod(state.data["consumed"], self._per_epoch(recorded))
+        n = len(self.dataset)
+        served = min(b * recorded, n)
+        start = -(-served // size)  # the first new batch that holds no served example
+        if start >= len(self):
+            epoch, start, skipped = epoch + 1, 0, n - served
+        else:
+            skipped = start * size - served
+        if skipped:
+            warnings.warn(
+                f"{api}: re-slicing a position of {b} batches of {recorded} into batches of {size} skips "
+                f"{skipped} examples of epoch {epoch if start else epoch - 1} to start at a batch boundary",
+                stacklevel=2,
+            )
+        data = {**state.data, "consumed": epoch * len(self) + start, "global_batch_size": size}
+        return state.replace(data=data)
+
+    def _recorded(self, state: TrainState, api: str) -> int | None:
+        size = state.data.get("global_batch_size")
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            raise ValueError(
+                f"{api}: the state's data position records global_batch_size={size!r}, which is not a "
+                "positive int; pass a state made by TrainState.create and DataLoader.attach"
+            )
+        return size
+
+    def _mismatch(self, api: str, recorded: int) -> str:
+        return (
+            f"{api}: the state's data position counts global batches of {recorded} examples, but this "
+            f"loader's global batch is {self.global_batch_size} ({self.batch_size} per process x "
+            f"{self.world_size}); resuming would repeat or skip examples. Keep the global batch size "
+            f"(xf.DataLoader(..., global_batch_size={recorded})), or continue at the example position "
+            "with state = loader.attach(state, reslice=True)"
+        )
+
+    def _check(self, state: TrainState, api: str) -> None:
+        recorded = self._recorded(state, api)
+        if recorded is not None and recorded != self.global_batch_size:
+            raise ValueError(self._mismatch(api, recorded))
 
     def order(self, seed: int, epoch: int) -> torch.Tensor:
         """The dataset indices of ``epoch``, in the order they are served."""
@@ -246,9 +332,15 @@ class DataLoader:
 
     def iterate(self, state: TrainState, *, epochs: int | None = 1) -> Iterator[Any]:
         """Yields the batches after ``state``'s position: the rest of the current epoch,
-        then ``epochs - 1`` more (``epochs=None``: forever)."""
+        then ``epochs - 1`` more (``epochs=None``: forever).
+
+        Raises:
+            ValueError: ``state``'s position records another global batch size (see
+                ``attach``).
+        """
         if not isinstance(state, TrainState):
             raise TypeError(f"xf.DataLoader.iterate: expected a TrainState, got {type(state).__name__}")
+        self._check(state, "xf.DataLoader.iterate")
         seed = state.data["seed"] if self.seed is None else self.seed
         index = state.data["consumed"]
         epoch, start = divmod(index, len(self))
