@@ -508,15 +508,20 @@ _TOO_MANY_SKIPS = (
 )
 
 
-def _nonfinite(grads: list[torch.Tensor]) -> torch.Tensor:
+def _nonfinite(grads: list[torch.Tensor], scratch: dict[Any, Any]) -> torch.Tensor:
     """A 0-dim float32 tensor, 1 when any gradient holds a NaN or inf (this process's part).
 
-    torch's fused check (GradScaler's, here with a scale of 1): one kernel, a few µs."""
-    if not grads:
-        return torch.zeros(())
-    local = [local_part(g) for g in grads] if hasattr(grads[0], "to_local") else grads
-    found = torch.zeros((), dtype=torch.float32, device=local[0].device)
-    torch._amp_foreach_non_finite_check_and_unscale_(local, found, torch.ones((), device=local[0].device))
+    torch's fused check (GradScaler's, with a scale of 1): one kernel, a few µs. Its two
+    scalars are made once per runtime (``scratch``) and reused."""
+    local = [local_part(g) for g in grads] if grads and hasattr(grads[0], "to_local") else grads
+    pair = scratch.get(_NONFINITE)
+    if pair is None:
+        device = local[0].device if local else torch.device("cpu")
+        pair = scratch[_NONFINITE] = (torch.zeros((), device=device), torch.ones((), device=device))
+    found, one = pair
+    found.zero_()
+    if local:
+        torch._amp_foreach_non_finite_check_and_unscale_(local, found, one)
     return found
 
 
@@ -527,7 +532,7 @@ def _update_base(state: TrainState, grads: dict[str, torch.Tensor]) -> TrainStat
     glist = [grads[k] for k in spec.trainable]
     # The one host read of a step: whether to update. A skipped update changes nothing but
     # the data position and the counter (see TrainState.create's max_consecutive_skips).
-    bad = _nonfinite(glist)
+    bad = _nonfinite(glist, rt.extras)
     finite = sharded.agree(bad) if sharded is not None else not bool(bad)
     counter = state._transforms.get(_NONFINITE)
     if not finite:
