@@ -3,7 +3,6 @@ and CheckpointManager."""
 
 import json
 import os
-import pickle
 
 import pytest
 import torch
