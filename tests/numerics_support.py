@@ -178,3 +178,26 @@ def apply_gradients_twice(strategy: str, precision: str) -> None:
         xf.TrainState.create(model(), optimizer=torch.optim.SGD, lr=0.1)
     )
     s(state, _plain_batch(4))
+
+
+def small_all_reduces(strategy: str, loss: str, clip: float | None) -> int:
+    """How many all-reduces of fewer than 8 elements one step (the second) issues: the
+    step's agreement on finiteness and batch sizes, the clipping norm, the item count."""
+    import torch.distributed as d
+
+    s = xf.shard(step if loss == "plain" else mean_step, strategy)
+    state = s.init(xf.TrainState.create(model(), optimizer=torch.optim.SGD, lr=0.1, max_grad_norm=clip))
+    b = _plain_batch(4)
+    state, _ = s(state, b)
+    original, count = d.all_reduce, [0]
+
+    def counting(t, *a, **kw):
+        count[0] += t.numel() < 8
+        return original(t, *a, **kw)
+
+    d.all_reduce = counting
+    try:
+        s(state, b)
+    finally:
+        d.all_reduce = original
+    return count[0]

@@ -73,3 +73,20 @@ def test_nan_on_one_rank_with_a_mean_loss(pool2, strategy):
     reference = {k: sup.train("fp32", "inner", k, None, (1,), math.nan, "mean") for k in (1, 2)}
     results = pool2.run(sup.train_all, strategy, "fp32", (1,), math.nan, "mean")
     _check(results, reference, scales=[None, None, None], atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "strategy, loss, clip, expected",
+    [
+        ("zero2", "plain", None, 1),  # the agreement (flag and batch sizes)
+        ("zero2", "plain", 1.0, 1),  # ... with the clipping norm folded in
+        ("zero1", "plain", 1.0, 1),
+        ("zero2", "mean", 1.0, 2),  # the item count, then the agreement with the norm
+        ("replicate", "mean", None, 1),  # the item count only: whole gradients agree already
+        ("replicate", "plain", None, 1),  # the batch sizes (a plain mean needs them equal)
+    ],
+)
+def test_at_most_one_small_all_reduce_is_added_per_step(pool2, strategy, loss, clip, expected):
+    """Catches the finiteness agreement costing an all-reduce of its own where it can ride
+    on one the step makes anyway (ZeRO's clipping norm), or where it is not needed."""
+    assert pool2.run(sup.small_all_reduces, strategy, loss, clip) == [expected, expected]

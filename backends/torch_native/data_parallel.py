@@ -225,12 +225,25 @@ class DataParallel:
             return Handler()
         return _DataParallelHandler(self, group, world)
 
-    def optimizer_update(self, state: TrainState, grads: dict[str, torch.Tensor]) -> dict[str, Any] | None:
+    def optimizer_update(
+        self, state: TrainState, grads: dict[str, torch.Tensor], squares: torch.Tensor | None = None
+    ) -> dict[str, Any]:
         """zero1/zero2: the optimizer on this process's rows, then the params all-gathered;
         returns the new ``opt_state``. Reached through the ``update`` primitive's base, so
-        every handler of ``update`` (the loss scale's unscale and skip) wraps it."""
+        every handler of ``update`` (the loss scale's unscale and skip) wraps it.
+        ``squares``: ``owned_squares`` already summed over the group (by shard's one
+        all-reduce of the step), for the clipping norm."""
         group, _, _ = self.group()
-        return _zero_update(self, state, grads, group)
+        return _zero_update(self, state, grads, group, squares)
+
+    def owned_squares(self, state: TrainState, grads: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """With gradient clipping under zero1/zero2: the sum of squares of this process's
+        gradient rows (float64), for shard to fold into its all-reduce; else None."""
+        if state._spec.max_grad_norm is None or not self.sharded:
+            return None
+        plan = self.plan(state.params)
+        local = _local_grads(self, plan, grads)
+        return _square_sum([g for g, k in zip(local, plan.names) if plan.entries[k].sharded], local[0].device)
 
     @property
     def runs_optimizer(self) -> bool:
@@ -293,7 +306,14 @@ class _DataParallelHandler(Reducer):
         return next(state, grads, _global_count(count, self.group, self.pieces, state._spec.device))
 
 
-def _zero_update(layout: DataParallel, state: TrainState, grads: dict[str, torch.Tensor], group: Any) -> dict[str, Any]:
+def _local_grads(layout: DataParallel, plan: _Plan, grads: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """This process's rows of each gradient (zero2's reduce-scatter already gave only them)."""
+    return [grads[k] if layout.scatter and plan.entries[k].sharded else plan.entries[k].local(grads[k]) for k in plan.names]
+
+
+def _zero_update(
+    layout: DataParallel, state: TrainState, grads: dict[str, torch.Tensor], group: Any, squares: torch.Tensor | None
+) -> dict[str, Any]:
     plan = layout.plan(state.params)
     names = plan.names
     rt = state._runtime("TrainState.apply_gradients")
@@ -306,15 +326,17 @@ def _zero_update(layout: DataParallel, state: TrainState, grads: dict[str, torch
             k: {kk: local_part(v) for kk, v in opt_state["state"][k].items()} for k in names}}
         cache = rt.extras[key] = (views, build_optimizer(state._spec.optimizer, names, views, local_state))
     views, optimizer = cache
-    local_grads = [grads[k] if layout.scatter and plan.entries[k].sharded else plan.entries[k].local(grads[k]) for k in names]
+    local_grads = _local_grads(layout, plan, grads)
 
     def total_norm(gs: list[torch.Tensor]) -> torch.Tensor:
-        """The whole gradient's norm: this process's rows summed over the group, plus the
-        replicated (0-dim) params once."""
-        owned = [g for g, k in zip(gs, names) if plan.entries[k].sharded]
+        """The whole gradient's norm: this process's rows summed over the group (folded
+        into shard's all-reduce when it gave ``squares``), plus the replicated (0-dim)
+        params once."""
         shared = [g for g, k in zip(gs, names) if not plan.entries[k].sharded]
-        sq = _square_sum(owned, gs[0].device)
-        dist.all_reduce(sq, group=group)
+        sq = squares
+        if sq is None:
+            sq = _square_sum([g for g, k in zip(gs, names) if plan.entries[k].sharded], gs[0].device)
+            dist.all_reduce(sq, group=group)
         return (sq + _square_sum(shared, gs[0].device)).sqrt().to(gs[0].dtype)
 
     optimizer_step(state, optimizer, views, local_grads, total_norm=total_norm)

@@ -470,13 +470,14 @@ def _apply_gradients_base(state: TrainState, grads: dict[str, torch.Tensor], cou
 class ShardedUpdate(Protocol):
     """How the base ``update`` runs under ``shard`` (set by its handler with ``sharded_update``).
 
-    ``agree(bad)`` takes this process's "gradient not finite" flag (a 0-dim tensor,
-    nonzero when its part of the gradient holds a NaN or inf) and returns, on every process alike, whether the gradient is finite on all of them
-    (one small all-reduce and one host read). ``run(state, grads)``, when not None, is
-    the optimizer update on this process's shards (ZeRO); it returns the new
-    ``opt_state``."""
+    ``agree(state, grads, bad)`` takes the final gradients (this process's part) and this
+    process's "gradient not finite" flag (a 0-dim tensor, nonzero when its part holds a
+    NaN or inf) and returns, on every process alike, whether the gradient is finite on
+    all of them (at most one small all-reduce and one host read). ``run(state, grads)``,
+    when not None, is the optimizer update on this process's shards (ZeRO); it returns
+    the new ``opt_state``."""
 
-    def agree(self, bad: torch.Tensor) -> bool: ...
+    def agree(self, state: "TrainState", grads: dict[str, torch.Tensor], bad: torch.Tensor) -> bool: ...
 
     run: Callable[["TrainState", dict[str, torch.Tensor]], dict[str, Any]] | None
 
@@ -533,7 +534,7 @@ def _update_base(state: TrainState, grads: dict[str, torch.Tensor]) -> TrainStat
     # The one host read of a step: whether to update. A skipped update changes nothing but
     # the data position and the counter (see TrainState.create's max_consecutive_skips).
     bad = _nonfinite(glist, rt.extras)
-    finite = sharded.agree(bad) if sharded is not None else not bool(bad)
+    finite = sharded.agree(state, grads, bad) if sharded is not None else not bool(bad)
     counter = state._transforms.get(_NONFINITE)
     if not finite:
         if counter is None:

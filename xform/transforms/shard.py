@@ -110,8 +110,8 @@ def shard(step: Callable[..., Any], strategy: "str | Strategy" = "replicate", *,
         if not handler.reduces:  # one process, no process group: the plain step
             with installed(handler):
                 return step(state, batch)
-        run = layout.optimizer_update if runs_optimizer and layout.runs_optimizer else None
-        with installed(handler), installed(_Guard(handler, _rows(batch), run, whole)):
+        zero = layout if runs_optimizer and layout.runs_optimizer else None
+        with installed(handler), installed(_Guard(handler, _rows(batch), zero, whole)):
             return step(state, batch)
 
     return wrap(
@@ -184,10 +184,12 @@ class _Guard(Handler):
     none when the gradient was all-reduced whole and the loss is an ``xf.Mean``, for which
     unequal batches are exact)."""
 
-    def __init__(self, reducer: Handler, rows: int, run: Any, whole: bool):
-        self.reducer, self.rows, self.run, self.whole = reducer, rows, run, whole
+    def __init__(self, reducer: Handler, rows: int, zero: Any, whole: bool):
+        self.reducer, self.rows, self.zero, self.whole = reducer, rows, zero, whole
+        self.run = self._run_zero if zero is not None else None
         self.calls = 0
         self.plain = False
+        self.squares: torch.Tensor | None = None  # ZeRO's clipping norm, folded into agree's all-reduce
 
     def apply_gradients(self, state, grads, count, next):
         self.calls += 1
@@ -201,18 +203,26 @@ class _Guard(Handler):
         with sharded_update(self):
             return next(state, grads)
 
-    def agree(self, bad: torch.Tensor) -> bool:
-        if self.whole and not self.plain:
+    def agree(self, state: TrainState, grads: dict[str, torch.Tensor], bad: torch.Tensor) -> bool:
+        squares = self.zero.owned_squares(state, grads) if self.zero is not None else None
+        if self.whole and not self.plain and squares is None:
             return not bool(bad)
         import torch.distributed as dist
 
+        group = self.zero.group()[0] if self.zero is not None else None
         n = float(self.rows)
-        status = torch.full((3,), n, dtype=torch.float64, device=bad.device)
+        status = torch.full((3 if squares is None else 4,), n, dtype=torch.float64, device=bad.device)
         status[0].copy_(bad)
         status[2].fill_(n * n)
-        dist.all_reduce(status)
-        nonfinite, total, squares = status.tolist()  # the step's one host read
-        world = dist.get_world_size()
-        if self.plain and world * squares != total * total:  # sizes differ (Cauchy-Schwarz)
+        if squares is not None:
+            status[3].copy_(squares)
+        dist.all_reduce(status, group=group)
+        nonfinite, total, sum_of_squares = status[:3].tolist()  # the step's one host read
+        world = dist.get_world_size(group)
+        if self.plain and world * sum_of_squares != total * total:  # sizes differ (Cauchy-Schwarz)
             raise ValueError(_UNEQUAL.format(mine=self.rows, total=int(total), world=world))
+        self.squares = status[3] if squares is not None else None
         return nonfinite == 0
+
+    def _run_zero(self, state: TrainState, grads: dict[str, torch.Tensor]) -> dict[str, Any]:
+        return self.zero.optimizer_update(state, grads, self.squares)
