@@ -95,6 +95,20 @@ def test_planted_code_in_dcp_metadata_never_runs(ckpt, tmp_path, variant):
     assert "dcp/.metadata" in message and "refus" in message, message
 
 
+@pytest.mark.parametrize(
+    "payload, says",
+    [
+        (cs.call_pickle("torch.serialization", "_get_layout", "os.system('touch x')"), "not DCP metadata (KeyError"),
+        (cs.call_pickle("torch", "Size", b"\x01\x02"), "holds a Size, not DCP metadata"),
+    ],
+    ids=["allowed-function-planted-arg", "allowed-class-not-metadata"],
+)
+def test_allowed_classes_with_planted_args_fail_cleanly(ckpt, payload, says):
+    (ckpt / "dcp" / ".metadata").write_bytes(payload)
+    message = load_error(ckpt)
+    assert "dcp/.metadata" in message and says in message, message
+
+
 def test_a_bytes_entry_is_refused_before_torch_unpickles_it(ckpt, tmp_path):
     """Catches: metadata made only of allowed DCP classes declaring a tensor as
     ``BytesStorageMetadata``, which DCP hands to ``torch.load(weights_only=False)``."""

@@ -28,6 +28,7 @@ from xform.checkpoint import (
     _cause,
     _crc_range,
     _dist,
+    _dtype_names,
     _fail,
     _is_int,
 )
@@ -202,11 +203,6 @@ _DCP_CLASSES = frozenset(
 )
 
 
-@functools.cache
-def _dtype_names() -> frozenset[str]:
-    return frozenset(n for n, v in vars(torch).items() if isinstance(v, torch.dtype))
-
-
 class _Refused(pickle.UnpicklingError):
     pass
 
@@ -225,7 +221,7 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 def _unpickle_dcp_metadata(file: Path) -> Any:
-    return _MetadataUnpickler(io.BytesIO(file.read_bytes())).load()
+    return _MetadataUnpickler(io.BytesIO(file.read_bytes()), fix_imports=False).load()
 
 
 @functools.cache

@@ -17,6 +17,7 @@ Several processes need a file system they all see (the usual case for checkpoint
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -449,6 +450,12 @@ def _position(path: Path, entries: list[dict[str, Any]]) -> dict[str, Any]:
     return position
 
 
+@functools.cache
+def _dtype_names() -> frozenset[str]:
+    """torch's dtype names (looked up in a set: ``getattr(torch, name)`` may import)."""
+    return frozenset(n for n, v in vars(torch).items() if isinstance(v, torch.dtype))
+
+
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
@@ -486,7 +493,7 @@ def _read_meta(path: Path) -> dict[str, Any]:
         seen.add(e["path"])
         kind = e.get("kind")
         if kind == "tensor":
-            if not isinstance(e.get("dtype"), str) or not isinstance(getattr(torch, e["dtype"], None), torch.dtype):
+            if not isinstance(e.get("dtype"), str) or e["dtype"] not in _dtype_names():
                 raise bad(f"leaves[{i}] ({e['path']}) 'dtype'", "a torch dtype name", e.get("dtype"))
             shape = e.get("shape")
             if not isinstance(shape, list) or not all(_is_int(n) and n >= 0 for n in shape):
