@@ -76,5 +76,5 @@ def test_memory_prints_measured_peaks_beside_state_and_formula():
         assert counted == pytest.approx(formula, rel=0.01), strategy  # the formula holds by construction
         assert between >= params + opt - 0.01, (strategy, between)
         assert counted - 0.01 <= low <= peak <= high, (strategy, row)
-        assert in_step == pytest.approx(high - between, abs=0.02), strategy
-        assert ratio == pytest.approx(high / formula, rel=0.01), strategy
+        assert in_step == pytest.approx(peak - between, abs=0.02), strategy
+        assert ratio == pytest.approx(peak / formula, rel=0.01), strategy
