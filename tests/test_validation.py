@@ -7,12 +7,11 @@ Each test names the bug it catches; each failed on the code before its fix.
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import xform as xf
 from xform.transforms.accumulate import split_batch
 
-from _util import batch, make_state, mlp, step
+from _util import batch, make_state, step
 
 # --- what a step returns --------------------------------------------------------------------
 

@@ -341,7 +341,7 @@ def _dtype_mismatch(e: RuntimeError, params: Any, args: Any, kwargs: Any) -> Typ
     for where, x in _inputs(args, kwargs):
         if x.dtype in dtypes or x.is_complex():
             continue
-        if x.is_floating_point() or (about_types and not x.is_floating_point() and x.dtype != torch.bool):
+        if x.is_floating_point() or (about_types and x.dtype != torch.bool):
             model = want if want is not None else sorted(map(str, dtypes))
             cast = want if want is not None else "the params' dtype"
             return TypeError(

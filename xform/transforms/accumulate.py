@@ -169,7 +169,6 @@ def accumulate(step: Callable[..., Any], steps: int):
         except (ValueError, TypeError) as e:
             raise _metrics_mismatch(metrics) or e
 
-
     return wrap(
         step, call, lambda state: state,
         xform_transforms=getattr(step, "xform_transforms", ()) + ("accumulate",),
@@ -199,8 +198,7 @@ def split_batch(api: str, batch: Any, k: int) -> list[Any]:
         return fast
     paths, leaves, spec = optree.tree_flatten_with_path(batch, is_leaf=_is_sequence_leaf, namespace=tree.NAMESPACE)
     kinds = [_kind(api, path, leaf, k) for path, leaf in zip(paths, leaves)]
-    n, source = _batch_size(api, paths, leaves, kinds, k)
-    size = n // k
+    size = _batch_size(api, paths, leaves, kinds, k) // k
     pieces = []
     for kind, leaf in zip(kinds, leaves):
         if kind is _TENSOR:
@@ -254,9 +252,9 @@ def _kind(api: str, path: tuple[Any, ...], leaf: Any, k: int) -> str:
     )
 
 
-def _batch_size(api: str, paths, leaves, kinds, k: int) -> tuple[int, str]:
+def _batch_size(api: str, paths, leaves, kinds, k: int) -> int:
     """The leading size of the batch, read from its first tensor (else numpy array, else
-    list), and that leaf; an error naming the first leaf that disagrees."""
+    list), divisible by ``k``; an error naming the first leaf that disagrees."""
     by_kind: dict[str, list[tuple[Any, Any, str]]] = {_TENSOR: [], _ARRAY: [], _SEQUENCE: []}
     for path, leaf, kind in zip(paths, leaves, kinds):
         if kind is not _SHARED:
@@ -285,7 +283,7 @@ def _batch_size(api: str, paths, leaves, kinds, k: int) -> tuple[int, str]:
         raise ValueError(
             f"{api}: batch size {n} is not divisible by steps={k}; pass a batch of {bigger} or use steps={closest}"
         )
-    return n, source
+    return n
 
 
 def _split_flat(batch: Any, k: int) -> list[Any] | None:
