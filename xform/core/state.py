@@ -177,7 +177,10 @@ class TrainState:
                 and ``step`` stay, the data position advances, and
                 ``state.transforms["nonfinite"]`` counts it (``"skipped"`` in all,
                 ``"consecutive"`` in a row). This many skips in a row raise
-                ``FloatingPointError``; ``None`` never raises.
+                ``FloatingPointError``; ``None`` never raises. The check is one fused
+                kernel; whether to update is then read on the host, once per step (on a
+                GPU, one scalar copied back: ``state.step`` is a host int, so it cannot
+                advance or stay without knowing; the fp16 path always read it).
             **optimizer_kwargs: passed to the optimizer class. ``lr`` may be a function
                 ``step -> lr``, a schedule evaluated before each update.
         """
