@@ -18,7 +18,9 @@ import fractions
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 
+from xform import tree
 from xform.core.backend import get_backend
 from xform.core.strategies import (  # noqa: F401  (re-exported)
     STRATEGIES, FullyShard, HybridShard, Replicate, Strategy, TensorParallel, ZeRO, parse_strategy,
@@ -39,7 +41,6 @@ def mesh(**axes: int):
     Example: ``xf.mesh(dp=2, tp=2)`` on 4 processes; ``xf.mesh(replicate=2, shard=4)``
     for HSDP on 8. The product of the sizes must be the world size.
     """
-    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
     if not axes:
@@ -157,8 +158,6 @@ def _rows(batch: Any) -> int:
     first = next(iter(batch.values()), None) if type(batch) is dict else batch
     if type(first) is torch.Tensor and first.dim() > 0:
         return first.shape[0]
-    from xform import tree
-
     for leaf in tree.leaves(batch):
         if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
             return leaf.shape[0]
@@ -207,8 +206,6 @@ class _Guard(Handler):
         squares = self.zero.owned_squares(state, grads) if self.zero is not None else None
         if self.whole and not self.plain and squares is None:
             return not bool(bad)
-        import torch.distributed as dist
-
         group = self.zero.group()[0] if self.zero is not None else None
         n = float(self.rows)
         status = torch.full((3 if squares is None else 4,), n, dtype=torch.float64, device=bad.device)
