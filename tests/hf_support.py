@@ -11,6 +11,7 @@ losses and whether the model's tied weights are still one tensor.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -68,6 +69,14 @@ def llama(seed: int = 0, *, tied: bool = False) -> torch.nn.Module:
     return LlamaForCausalLM(cfg)
 
 
+@dataclasses.dataclass
+class Output:
+    """A model output with named fields (as a ``ModelOutput``; no transformers import)."""
+
+    loss: torch.Tensor | None
+    logits: torch.Tensor
+
+
 class TiedLM(torch.nn.Module):
     """A tiny causal LM with two ties: the output head shares the embedding (owners in
     different subtrees, tied at the root, as in GPT-2) and ``block.a``/``block.b`` share
@@ -85,15 +94,13 @@ class TiedLM(torch.nn.Module):
         self.head.weight = self.embed.weight
 
     def forward(self, input_ids, labels=None):
-        from transformers.modeling_outputs import CausalLMOutput
-
         h = self.embed(input_ids)
         h = h + torch.tanh(self.block.b(torch.tanh(self.block.a(h))))
         logits = self.head(self.norm(h))
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1))
-        return CausalLMOutput(loss=loss, logits=logits)
+        return Output(loss=loss, logits=logits)
 
     def get_input_embeddings(self):
         return self.embed

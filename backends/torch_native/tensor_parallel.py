@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
+from xform.core.optim import is_dtensor
 from xform.core.primitives import Handler
 from xform.core.state import TrainState
 from xform.core.strategies import FullyShard, TensorParallel
@@ -72,6 +74,8 @@ class TensorParallelLayout:
         parallelize_module(state.module, self.mesh[s.axis], plan)
         if s.data_parallel == "fsdp":
             _fully_shard_units(state.module, self.mesh[s.dp_axis], FullyShard(), self.policy)
+        else:
+            _replicate_the_rest(state.module, self.mesh[s.axis])
         return _relaid(state)
 
     def handler(self) -> Handler:
@@ -82,3 +86,44 @@ class TensorParallelLayout:
         else:
             group, world = None, 1
         return _BackwardReducer(group, world, uses_backward=s.data_parallel == "fsdp")
+
+
+def _replicate_the_rest(module: torch.nn.Module, mesh: Any) -> None:
+    """Makes every parameter the plan left whole (embeddings, norms, the output head) a
+    DTensor replicated over the tp axis, so that the state holds one kind of tensor and
+    the core's fused (foreach) updates and checks apply to all of them, as under FSDP.
+
+    Each module owning such a parameter then runs on DTensors: its tensor inputs enter
+    as replicated DTensors and its outputs leave as local tensors, so the modules around
+    it see what they saw before. Every process of the tp group computes the same values
+    and gradients for these parameters (their inputs are the same), so no communication
+    is added. A tied parameter becomes one DTensor shared by all its owners."""
+    from torch.distributed.tensor import DTensor, Replicate
+    from torch.utils._pytree import tree_map
+
+    def to_dtensor(x: Any) -> Any:
+        if isinstance(x, torch.Tensor) and not is_dtensor(x):
+            return DTensor.from_local(x, mesh, [Replicate()], run_check=False)
+        return x
+
+    def to_local(x: Any) -> Any:
+        return x.to_local() if is_dtensor(x) else x
+
+    def enter(_m: torch.nn.Module, args: Any, kwargs: Any) -> Any:
+        return tree_map(to_dtensor, args), tree_map(to_dtensor, kwargs)
+
+    def leave(_m: torch.nn.Module, _args: Any, out: Any) -> Any:
+        return tree_map(to_local, out)
+
+    replicated: dict[int, torch.nn.Parameter] = {}  # by the original tensor: ties stay ties
+    for m in module.modules():
+        own = {k: p for k, p in m._parameters.items() if p is not None and not is_dtensor(p)}
+        if not own:
+            continue
+        for k, p in own.items():
+            if id(p) not in replicated:
+                local = DTensor.from_local(p.detach(), mesh, [Replicate()], run_check=False)
+                replicated[id(p)] = torch.nn.Parameter(local, requires_grad=p.requires_grad)
+            m._parameters[k] = replicated[id(p)]
+        m.register_forward_pre_hook(enter, with_kwargs=True)
+        m.register_forward_hook(leave)
