@@ -391,3 +391,15 @@ def test_the_recorded_global_batch_size_survives_a_checkpoint(tmp_path):
     # A checkpoint of an unrecorded position loads into a `like` that records one.
     plain = xf.load(xf.save(make_state(), tmp_path / "plain"), like=loader.attach(make_state()))
     assert plain.data == {"seed": 0, "consumed": 0}
+
+
+def test_a_checkpoint_written_before_checksums_still_loads(tmp_path):
+    """Backward compatibility: format 1 (no checksums) loads, its structure still checked."""
+    state = trained(n=2)
+    path = xf.save(state, tmp_path / "c")
+    meta = json.loads((path / "meta.json").read_text())
+    meta["format"] = "xform-checkpoint-1"
+    del meta["checksums"]
+    (path / "meta.json").write_text(json.dumps(meta))
+    assert_states_close(xf.load(path, like=make_state()), state)
+    assert "params['0.weight']" in load_error(path, like=make_state(sizes=(5, 8, 3)))
