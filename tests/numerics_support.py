@@ -201,3 +201,16 @@ def small_all_reduces(strategy: str, loss: str, clip: float | None) -> int:
     finally:
         d.all_reduce = original
     return count[0]
+
+
+def skips_until_error(strategy: str) -> str:
+    """NaN on rank 1 only, every step, with max_consecutive_skips=3: what each process raised."""
+    s = xf.shard(step, strategy)
+    state = s.init(xf.TrainState.create(model(), optimizer=torch.optim.SGD, lr=0.1, max_consecutive_skips=3))
+    rank = dist.get_rank()
+    try:
+        for b in batches(tuple(range(5)), float("nan"), n=5):
+            state, _ = s(state, {k: v[rank * 4 : (rank + 1) * 4] for k, v in b.items()})
+    except FloatingPointError as e:
+        return f"{state.transforms['nonfinite']} {e}"
+    return "no error"

@@ -90,3 +90,12 @@ def test_at_most_one_small_all_reduce_is_added_per_step(pool2, strategy, loss, c
     """Catches the finiteness agreement costing an all-reduce of its own where it can ride
     on one the step makes anyway (ZeRO's clipping norm), or where it is not needed."""
     assert pool2.run(sup.small_all_reduces, strategy, loss, clip) == [expected, expected]
+
+
+@pytest.mark.parametrize("strategy", ["zero2", "zero3"])
+def test_too_many_skips_raise_on_every_process_together(pool2, strategy):
+    """Catches one process raising while the others go on into the next collective (a hang):
+    the count of consecutive skips is the same everywhere, so all raise at the same step."""
+    for text in pool2.run(sup.skips_until_error, strategy):
+        assert text.startswith("{'skipped': 2, 'consecutive': 2} TrainState.apply_gradients: the gradient was not finite"), text
+        assert "in 3 updates in a row" in text, text
