@@ -8,7 +8,7 @@ in one immutable pytree, ``TrainState``.
 from xform import distributed, tree
 from xform.transforms.accumulate import accumulate
 from xform.toolbox.batch_size import find_executable_batch_size
-from xform.checkpoint import CheckpointManager, load, save
+from xform.checkpoint import CheckpointError, CheckpointManager, load, save
 from xform.transforms.configure import configure, launch_config
 from xform.data import DataLoader
 from xform.core.mean import Mean
@@ -37,6 +37,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CSVTracker",
+    "CheckpointError",
     "CheckpointManager",
     "DataLoader",
     "DonatedStateError",
