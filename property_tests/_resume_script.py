@@ -1,9 +1,12 @@
 """A training setup shared by test_resume_properties.py and the fresh process it starts.
 
 Run as ``python _resume_script.py ROOT STEPS NAME...``: for each configuration NAME, loads
-the checkpoint ROOT/NAME/ckpt into ``step.init(make_state())``, runs STEPS more steps over
-the loader from the restored position, and writes the losses to ROOT/NAME/losses.pt and
-the final state to ROOT/NAME/final.
+the checkpoint ROOT/NAME/ckpt into ``step.init(make_state(seed=LIKE_SEED))``, runs STEPS
+more steps over the loader from the restored position, and writes the losses to
+ROOT/NAME/losses.pt and the final state to ROOT/NAME/final.
+
+``like`` is built with another seed (RNG key and shuffle seed) than the saved run's, so
+that a load keeping ``like``'s key or shuffle seed shows in the losses and final state.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import xform as xf
 from _support import mlp
 
 DATASET_SIZE, BATCH_SIZE, K = 20, 4, 2  # 5 batches an epoch, 2 micro-batches a batch
+SEED, LIKE_SEED = 1, 7  # the trained state's seed; the seed of the state loaded into
 
 
 def dataset() -> torch.utils.data.Dataset:
@@ -49,10 +53,10 @@ def build(name: str):
     """``(step, make_state, loader)`` for configuration ``name``."""
     wrapped = CONFIGS[name]()
 
-    def make_state() -> xf.TrainState:
+    def make_state(seed: int = SEED) -> xf.TrainState:
         model = mlp((3, 16, 3), seed=0, dropout=0.25)
         return xf.TrainState.create(
-            model, optimizer=torch.optim.AdamW, lr=lambda i: 1e-2 * 0.9**i, max_grad_norm=1.0, seed=1
+            model, optimizer=torch.optim.AdamW, lr=lambda i: 1e-2 * 0.9**i, max_grad_norm=1.0, seed=seed
         )
 
     return wrapped, make_state, xf.DataLoader(dataset(), batch_size=BATCH_SIZE, shuffle=True)
@@ -60,7 +64,7 @@ def build(name: str):
 
 def continue_from(name: str, checkpoint: str, steps: int):
     wrapped, make_state, loader = build(name)
-    state = xf.load(checkpoint, like=wrapped.init(make_state()))
+    state = xf.load(checkpoint, like=wrapped.init(make_state(seed=LIKE_SEED)))
     losses = []
     for _, batch in zip(range(steps), loader.iterate(state, epochs=None)):
         state, metrics = wrapped(state, batch)

@@ -1,13 +1,19 @@
 """What each process runs in the shard properties (importable by spawned workers).
 
 A case is a plain dict (picklable): the model's widths, the loss kind, the transforms and
-the strategy. ``train`` runs it on this process's slice of each global batch and returns
-the full parameters (gathered from shards) and the losses.
+the strategy (``bucket_mb``: the gradient bucket size of replicate/zero1/zero2, small to
+cut a model into several buckets). ``train`` runs it on this process's slice of each
+global batch and returns a ``Run``: the full parameters (gathered from shards), the
+parameters before training, each step's loss as its ``(total, count)`` parts (so the
+processes' losses pool into the global batch's), this process's data-parallel size and
+rank, and the collectives issued during the first step.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import dataclasses
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -63,6 +69,10 @@ def strategy_and_mesh(case: dict[str, Any]) -> tuple[Any, Any, int, int]:
     """(strategy, mesh, data-parallel size, data-parallel rank) on this process."""
     world, rank = dist.get_world_size(), dist.get_rank()
     name = case["strategy"]
+    bucket_mb = case.get("bucket_mb")
+    if bucket_mb is not None and name in ("replicate", "zero1", "zero2"):
+        strategy = xf.Replicate(bucket_mb=bucket_mb) if name == "replicate" else xf.ZeRO(stage=int(name[-1]), bucket_mb=bucket_mb)
+        return strategy, None, world, rank
     if name == "hsdp":
         return "hsdp", xf.mesh(replicate=2, shard=world // 2), world, rank
     if name in ("tp", "tp+fsdp"):
@@ -77,7 +87,7 @@ def optimizer(case: dict[str, Any]) -> dict[str, Any]:
     """AdamW is nearly blind to the gradient's scale, so cases also draw SGD, which is not:
     a wrong normalization (count) shows in SGD's params."""
     if case.get("optimizer", "adamw") == "sgd":
-        return {"optimizer": torch.optim.SGD, "lr": 0.1, "momentum": 0.9}
+        return {"optimizer": torch.optim.SGD, "lr": 0.1, "momentum": case.get("momentum", 0.9)}
     return {"optimizer": torch.optim.AdamW, "lr": 1e-2, "weight_decay": 0.1}
 
 
@@ -85,7 +95,62 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
 
 
-def train(case: dict[str, Any]) -> tuple[dict[str, torch.Tensor], list[float]]:
+@dataclasses.dataclass
+class Run:
+    params: dict[str, torch.Tensor]
+    start: dict[str, torch.Tensor]
+    losses: list[tuple[float, float]]  # (total, count) per step: a plain mean loss is (mean, 1)
+    dp: tuple[int, int] = (1, 0)  # data-parallel (size, rank)
+    collectives: dict[str, int] = dataclasses.field(default_factory=dict)  # during the first step
+
+
+def pooled_losses(runs: list[Run]) -> list[float]:
+    """The global batch's loss of each step from the runs of all processes (one per
+    data-parallel rank: tensor-parallel peers see the same data)."""
+    by_dp = {r.dp[1]: r for r in runs}
+    assert sorted(by_dp) == list(range(runs[0].dp[0])), [r.dp for r in runs]
+    return [
+        sum(r.losses[i][0] for r in by_dp.values()) / sum(r.losses[i][1] for r in by_dp.values())
+        for i in range(len(runs[0].losses))
+    ]
+
+
+def loss_parts(loss: Any) -> tuple[float, float]:
+    """A plain mean loss counts once; an ``xf.Mean`` by its item count. Local means of
+    equal slices average to the global mean; ``Mean`` parts sum to the global one."""
+    if isinstance(loss, xf.Mean):
+        return float(loss.total), float(loss.count)
+    return float(loss), 1.0
+
+
+_COLLECTIVES = ["all_reduce", "reduce_scatter_tensor", "all_gather_into_tensor", "broadcast", "all_gather",
+                "all_gather_single", "reduce_scatter_single"]
+
+
+@contextlib.contextmanager
+def counting_collectives() -> Iterator[dict[str, int]]:
+    """Counts the ``torch.distributed`` collectives called inside, by name (the backend
+    looks them up at each call)."""
+    counts: dict[str, int] = {}
+    names = [n for n in _COLLECTIVES if hasattr(dist, n)]
+    originals = {n: getattr(dist, n) for n in names}
+
+    def counting(name, fn):
+        def wrapper(*a, **kw):
+            counts[name] = counts.get(name, 0) + 1
+            return fn(*a, **kw)
+        return wrapper
+
+    for n in names:
+        setattr(dist, n, counting(n, originals[n]))
+    try:
+        yield counts
+    finally:
+        for n, fn in originals.items():
+            setattr(dist, n, fn)
+
+
+def train(case: dict[str, Any]) -> Run:
     """The case on this process (sharded when a process group exists)."""
     step = make_step(case)
     size, rank = 1, 0
@@ -94,49 +159,35 @@ def train(case: dict[str, Any]) -> tuple[dict[str, torch.Tensor], list[float]]:
         step = xf.shard(step, strategy, mesh=mesh)
     init = getattr(step, "init", lambda s: s)
     state = init(xf.TrainState.create(model(case), max_grad_norm=case.get("clip"), **optimizer(case)))
-    losses = []
-    for b in batches(case):
+    start = {k: full(v) for k, v in state.params.items()}
+    losses, collectives = [], {}
+    for i, b in enumerate(batches(case)):
         n = b["x"].shape[0] // size
-        state, metrics = step(state, {k: v[rank * n : (rank + 1) * n] for k, v in b.items()})
-        losses.append(float(metrics["loss"]))
-    return {k: full(v) for k, v in state.params.items()}, losses
+        local = {k: v[rank * n : (rank + 1) * n] for k, v in b.items()}
+        with counting_collectives() if i == 0 and dist.is_initialized() else contextlib.nullcontext({}) as counts:
+            state, metrics = step(state, local)
+        collectives = collectives or dict(counts)
+        losses.append(loss_parts(metrics["loss"]))
+    return Run({k: full(v) for k, v in state.params.items()}, start, losses, (size, rank), collectives)
 
 
 def count_collectives(case: dict[str, Any]) -> list[int]:
     """Collectives issued during each micro-batch of one step of ``case``."""
-    import torch.distributed as d
-
-    counter = [0]
-    names = ["all_reduce", "reduce_scatter_tensor", "all_gather_into_tensor", "broadcast", "all_gather",
-             "all_gather_single", "reduce_scatter_single"]
-    names = [n for n in names if hasattr(d, n)]
-    originals = {n: getattr(d, n) for n in names}
-
-    def counting(fn):
-        def wrapper(*a, **kw):
-            counter[0] += 1
-            return fn(*a, **kw)
-        return wrapper
-
     per_micro: list[int] = []
     strategy, mesh, size, rank = strategy_and_mesh(case)
     inner = make_step({**case, "k": 1})
+    counts: dict[str, int] = {}
 
     def recording(state, batch):
-        before = counter[0]
+        before = sum(counts.values())
         out = inner(state, batch)
-        per_micro.append(counter[0] - before)
+        per_micro.append(sum(counts.values()) - before)
         return out
 
     step = xf.shard(xf.accumulate(recording, case["k"]), strategy, mesh=mesh)
     state = step.init(xf.TrainState.create(model(case), optimizer=torch.optim.AdamW, lr=1e-2))
     b = batches(case)[0]
     n = b["x"].shape[0] // size
-    for n_ in names:
-        setattr(d, n_, counting(originals[n_]))
-    try:
+    with counting_collectives() as counts:
         step(state, {k: v[rank * n : (rank + 1) * n] for k, v in b.items()})
-    finally:
-        for n_, fn in originals.items():
-            setattr(d, n_, fn)
     return per_micro

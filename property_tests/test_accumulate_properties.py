@@ -40,6 +40,17 @@ def test_accumulate_equals_the_full_batch_step(config, k, micro, data_seed):
     assert_accumulate_equivalent(step, state_factory(config, eps=1e-3), batch, k, steps=3, rtol=RTOL, atol=ATOL)
 
 
+@given(config=mlp_configs(), k=st.integers(2, 4), micro=st.integers(1, 4), data_seed=st.integers(0, 2**16))
+def test_accumulate_with_sgd_equals_the_full_batch_step(config, k, micro, data_seed):
+    """Catches: a plain mean loss summed over the micro-batches instead of averaged (k
+    times the gradient). AdamW is blind to a constant gradient factor; SGD's update is
+    the gradient times lr, so the factor shows in the params. Rounding: sums in another
+    order, ~1e-7 relative per gradient element, passed linearly to the params."""
+    batch = classification_batch(config, k * micro, data_seed)
+    make_state = state_factory(config, optimizer=torch.optim.SGD, lr=0.1)
+    assert_accumulate_equivalent(step, make_state, batch, k, steps=3, rtol=RTOL, atol=ATOL)
+
+
 @st.composite
 def token_cases(draw):
     """A token batch whose rows carry 0..seq valid labels: micro-batches hold uneven counts."""

@@ -67,3 +67,22 @@ def test_dropout_depends_on_the_rng_key_and_position_only(config, dropout, seed,
     if wide:
         c, mc = step(state_factory(config, dropout=dropout, seed=seed + 1)(), batch)
         assert not torch.equal(mc["loss"], ma["loss"])
+
+
+@given(config=mlp_configs(min_width=8), k=st.integers(2, 4), seed=st.integers(0, 2**16), data_seed=st.integers(0, 2**16))
+def test_each_micro_batch_draws_its_own_dropout_mask(config, k, seed, data_seed):
+    """Catches: a dropout stream not salted per micro-batch (every micro-batch of
+    ``accumulate`` drawing the same mask). The batch is k copies of one micro-batch, so
+    the micro-batches' losses differ only by their masks (>= 8 units at p=0.5 over 4 rows:
+    two equal masks have probability <= 2**-32)."""
+    one = classification_batch(config, 4, data_seed)
+    batch = {key: torch.cat([v] * k) for key, v in one.items()}
+    losses = []
+
+    def recording(state, b):
+        state, metrics = step(state, b)
+        losses.append(float(metrics["loss"]))
+        return state, metrics
+
+    xf.accumulate(recording, k)(state_factory(config, dropout=0.5, seed=seed)(), batch)
+    assert len(set(losses)) == k, losses

@@ -63,7 +63,10 @@ def test_resume_in_a_fresh_process_equals_the_uninterrupted_run(tmp_path, split_
     """Both configurations of _resume_script (bf16 inside accumulate, fp16 outside it
     with a dynamic loss scale), 12 steps over 5-batch epochs: this process runs 12 steps
     straight, and 3 steps then saves; a fresh Python (with another PYTHONHASHSEED) loads
-    and runs the other 9. The 12 losses and the final states must be equal bit for bit."""
+    into a state made with another seed and runs the other 9. The 12 losses and the final
+    states must be equal bit for bit, the RNG key and data position the saved ones.
+
+    Catches: a load keeping ``like``'s RNG key (dropout masks change) or data position."""
     total = 12
     expected = {}
     for name in _resume_script.CONFIGS:
@@ -87,6 +90,7 @@ def test_resume_in_a_fresh_process_equals_the_uninterrupted_run(tmp_path, split_
         # Bit for bit; the losses of skipped fp16 updates are nan in both runs.
         assert_states_close(torch.stack(first_losses + list(resumed)), torch.stack(losses), msg=f"{name} losses")
         wrapped, make_state, _ = _resume_script.build(name)
-        final = xf.load(tmp_path / name / "final", like=wrapped.init(make_state()))
+        final = xf.load(tmp_path / name / "final", like=wrapped.init(make_state(seed=_resume_script.LIKE_SEED)))
         assert_states_close(final, straight, msg=f"{name} final state")
-        assert final.data["consumed"] == total
+        # The key and position come from the checkpoints, not from `like` (another seed).
+        assert (final.rng, final.data["seed"], final.data["consumed"]) == (_resume_script.SEED, _resume_script.SEED, total)

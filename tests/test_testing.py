@@ -151,6 +151,23 @@ def test_resume_catches_a_loader_that_ignores_the_position(tmp_path):
         assert_resume_equivalent(tuple_step, make_state, Restarting(loader), 2, tmp_path, num_steps=4)
 
 
+@pytest.mark.parametrize("leaf", ["rng", "step", "data"])
+def test_resume_catches_a_load_that_keeps_likes_values(tmp_path, monkeypatch, leaf):
+    """Catches: ``xf.load`` taking the RNG key, step or data position from ``like`` instead
+    of the checkpoint. ``like`` is built by the same ``make_state`` (same seed), so the
+    check must give it other values for this to show."""
+    import xform.testing as testing
+
+    real_load = testing.load
+
+    def keeping(path, *, like):
+        return real_load(path, like=like).replace(**{leaf: getattr(like, leaf)})
+
+    monkeypatch.setattr(testing, "load", keeping)
+    with pytest.raises(AssertionError, match=rf"the loaded state differs from the saved one: the states differ at {leaf}"):
+        assert_resume_equivalent(step, make_state, BATCHES, 2, tmp_path)
+
+
 def test_resume_argument_errors(tmp_path):
     with pytest.raises(ValueError, match=r"need 0 < split_at < 5, got 5"):
         assert_resume_equivalent(step, make_state, BATCHES, 5, tmp_path)

@@ -314,6 +314,13 @@ def assert_deterministic(
         assert_states_close(state, snapshot, msg="step(state, batch) silently changed `state`")
 
 
+def _unlike(state: TrainState) -> TrainState:
+    """``state`` with another RNG key, step and data position: what only a checkpoint
+    can restore."""
+    data = {k: v + 1009 if type(v) is int else v for k, v in state.data.items()}
+    return state.replace(step=state.step + 1009, rng=(state.rng + 0x9E3779B97F4A7C15) % 2**63, data=data)
+
+
 def assert_resume_equivalent(
     step: Callable[..., Any],
     make_state: Callable[[], TrainState],
@@ -328,6 +335,11 @@ def assert_resume_equivalent(
     Runs ``step`` uninterrupted; then again for ``split_at`` steps, saves with
     ``xf.save``, loads into a fresh ``step.init(make_state())`` with ``xf.load`` and runs
     the remaining steps. The metrics of every step and the final states must be equal.
+
+    The state loaded into (``like``) is given another RNG key, step and data position
+    (shuffle seed and batches consumed) than the saved one, so that a load which kept any
+    of ``like``'s values instead of the checkpoint's fails the check: the loaded state
+    must equal the saved one leaf by leaf.
 
     Args:
         step: the step (with its transforms).
@@ -367,6 +379,7 @@ def assert_resume_equivalent(
         raise ValueError(f"assert_resume_equivalent: need 0 < split_at < {num_steps}, got {split_at}")
     init = init_of(step)
     full, first, like = (init(s) for s in fresh_states(make_state, 3))
+    like = _unlike(like)
     full, expected = run_steps(step, full, stream(full, 0), num_steps)
     first, got = run_steps(step, first, stream(first, 0), split_at)
     path = save(first, Path(tmp_path) / "xform-testing-resume")
