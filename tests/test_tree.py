@@ -34,6 +34,7 @@ def test_flatten_with_path_names_every_leaf():
         "opt_state['state']['2.bias']['exp_avg']", "opt_state['state']['2.bias']['exp_avg_sq']", "opt_state['state']['2.bias']['step']",
         "opt_state['state']['2.weight']['exp_avg']", "opt_state['state']['2.weight']['exp_avg_sq']", "opt_state['state']['2.weight']['step']",
         "rng", "data['consumed']", "data['seed']",
+        "transforms['nonfinite']['consecutive']", "transforms['nonfinite']['skipped']",
     ]
 
 
