@@ -26,6 +26,19 @@ class Layout(Protocol):
     def handler(self) -> Handler:
         """A fresh handler for one call of the step."""
 
+    # Optional, for a layout whose optimizer runs on this process's shards only (ZeRO-1/2
+    # over own code). ``shard`` then makes the base ``update`` call ``optimizer_update``, so
+    # that every handler of ``update`` (the loss scale's unscale and skip) still wraps the
+    # one real update:
+    #
+    #   runs_optimizer: bool                       (a property: True once there is a group)
+    #   group() -> (process group, rank, world)    the group the shards are spread over
+    #   owned_squares(state, grads) -> Tensor|None the float64 sum of squares of this
+    #       process's gradient shards when clipping needs the global norm (shard folds it
+    #       into its one agreement all-reduce), else None
+    #   optimizer_update(state, grads, squares) -> opt_state   the update on the shards,
+    #       params gathered after; ``squares`` is ``owned_squares`` summed over the group
+
 
 class Backend(Protocol):
     name: str
