@@ -55,13 +55,13 @@ def gpt2(seed: int = 0) -> torch.nn.Module:
     return GPT2LMHeadModel(cfg)
 
 
-def llama(seed: int = 0, *, tied: bool = False) -> torch.nn.Module:
+def llama(seed: int = 0, *, tied: bool = False, kv_heads: int = 2) -> torch.nn.Module:
     _quiet()
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=32,
+        num_key_value_heads=kv_heads, vocab_size=VOCAB, max_position_embeddings=32,
         bos_token_id=0, eos_token_id=0, pad_token_id=None, tie_word_embeddings=tied,
     )
     cfg._attn_implementation = "eager"
@@ -264,3 +264,11 @@ def tp_planning_a_tied_module(data_parallel: str | None) -> None:
     state = step.init(xf.TrainState.create(model({"model": "tiny"}), **optimizer({})))
     b = batches({"model": "tiny", "loss": "out.loss", "global_batch": 2, "steps": 1})[0]
     step(state, b)
+
+
+def tp_splitting_a_head() -> None:
+    """Llama with one key/value head (of 8 features) on a tp axis of 2: k_proj's 8 output
+    features divide by 2, but only by cutting the head in half."""
+    step = xf.shard(make_step({"loss": "out.loss"}), xf.TensorParallel(plan=LLAMA_TP_PLAN), mesh=xf.mesh(dp=1, tp=2))
+    state = step.init(xf.TrainState.create(llama(kv_heads=1), **optimizer({})))
+    step(state, batches({"loss": "out.loss", "global_batch": 2, "steps": 1})[0])

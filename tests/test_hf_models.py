@@ -137,3 +137,14 @@ def test_gpt2_save_load_and_resharding_load_equal_an_uninterrupted_run(pool2, tm
         assert r["step"] == 4 and r["tied_after_load"], i
         for name, want in full["params"].items():
             torch.testing.assert_close(r["params"][name], want, rtol=RTOL, atol=ATOL, msg=lambda m: f"resume {i} {name}: {m}")
+
+
+def test_tensor_parallel_refuses_to_split_an_attention_head(pool2):
+    # Catches: a plan whose tp size divides a projection's features but not its heads
+    # (1 key/value head of 8 features over 2 processes): the attention's reshape by
+    # head_dim failed deep in the forward with a shape error naming no module.
+    for text in pool2.run(hs.error_of, "tp_splitting_a_head"):
+        assert text.startswith(
+            "ValueError: shard(tp): 'model.layers.0.self_attn.k_proj' holds 1 heads of 8 features, which the 2 "
+            "processes of mesh axis 'tp' cannot split into whole heads"
+        ), text

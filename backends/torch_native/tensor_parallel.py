@@ -71,6 +71,14 @@ class TensorParallelLayout:
                     f"shard(tp): {name!r} has {weight.shape[dim]} {kind}, which the {size} processes of mesh axis "
                     f"{s.axis!r} cannot split evenly; make it a multiple of {size} or leave {name!r} out of the plan"
                 )
+            parent = modules[name.rpartition(".")[0]]
+            head = getattr(parent, "head_dim", None)  # attention projections (HF): split by whole heads
+            if isinstance(head, int) and head > 0 and weight.shape[dim] % head == 0 and (weight.shape[dim] // head) % size:
+                raise ValueError(
+                    f"shard(tp): {name!r} holds {weight.shape[dim] // head} heads of {head} features, which the {size} "
+                    f"processes of mesh axis {s.axis!r} cannot split into whole heads; use a tp size that divides "
+                    f"{weight.shape[dim] // head}, or leave {name!r} out of the plan"
+                )
         parallelize_module(state.module, self.mesh[s.axis], plan)
         if s.data_parallel == "fsdp":
             _fully_shard_units(state.module, self.mesh[s.dp_axis], FullyShard(), self.policy)
