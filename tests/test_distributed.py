@@ -431,7 +431,15 @@ PEER_IN_STEP = textwrap.dedent(
     s = xf.shard(xf.accumulate(step, 2), strategy)
     state = xf.TrainState.create(model, optimizer=torch.optim.SGD, lr=0.1)
     together("set-up")                             # a loaded machine may skew the ranks' set-up
-    state = s.init(state)
+    if rank == 1 and mode.endswith("init"):
+        os._exit(0)
+    try:
+        state = s.init(state)
+    except Exception as e:
+        print("0.00")
+        print(type(e).__name__, type(e.__cause__).__name__)
+        print(e, flush=True)
+        os._exit(3)
     for i in range(4):
         start = time.monotonic()
         try:
@@ -452,9 +460,10 @@ def test_a_dead_or_hung_peer_inside_a_step_is_a_distributed_error(tmp_path):
     xf.DistributedError. Rank 1 exits (or hangs) at step 2 in the backward pass of
     replicate (the gradient all-reduce), before the forward of zero3 (the FSDP
     all-gather), and between the backward and apply_gradients of zero3 (the item count
-    reduction); rank 0 (timeout=3 s) must raise xf.DistributedError naming rank 1, the
-    step and the phase, with torch's error as __cause__: at once for a dead peer (its timeout
-    is 30 s), after the timeout (3 s) for a hung one."""
+    reduction), and before ``step.init`` (the broadcast of rank 0's params); rank 0 must
+    raise xf.DistributedError naming rank 1, the step and the phase, with torch's error as
+    __cause__: at once for a dead peer (its timeout is 30 s), after the timeout (3 s) for a
+    hung one."""
     script = tmp_path / "peer_in_step.py"
     script.write_text(PEER_IN_STEP)
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
@@ -463,6 +472,7 @@ def test_a_dead_or_hung_peer_inside_a_step_is_a_distributed_error(tmp_path):
         "dead-zero3-forward": "in the forward pass (xf.apply), at distributed_c10d.all_gather",
         "dead-zero3-count": "in the gradient reduction (state.apply_gradients), at distributed_c10d.all_reduce",
         "hung-replicate-forward": "in the backward pass (xf.value_and_grad)",
+        "dead-replicate-init": "in step.init (laying the state out), at ",
     }
     procs = {
         mode: [
@@ -481,7 +491,8 @@ def test_a_dead_or_hung_peer_inside_a_step_is_a_distributed_error(tmp_path):
             assert rank0.returncode == 3, f"{mode}: rank 0 exited {rank0.returncode}\n{out}\n{err}"
             elapsed, types, message = out.split("\n", 2)
             assert types == "DistributedError RuntimeError", f"{mode}: {types}\n{message}"
-            assert message.startswith("shard: a collective failed on rank 0 of 2 at state.step=2, "), message
+            at_step = "at state.step=0" if mode.endswith("init") else "at state.step=2"
+            assert message.startswith(f"shard: a collective failed on rank 0 of 2 {at_step}, "), message
             assert phases[mode] in message, f"{mode}: {message}"
             assert "xf.distributed.initialize(timeout=...)" in message and "\n" not in message.strip()
             if mode.startswith("dead"):

@@ -82,8 +82,8 @@ def wrap(
     """``call`` under ``step``'s name and docs, with ``init`` run after the inner one's.
 
     The transformed step checks what ``call`` returns (``check_result``), and turns a
-    failed collective inside it (a dead or hung peer) into an ``xf.DistributedError``
-    naming the rank, the step and the phase. ``api`` names the transform in errors; by
+    failed collective inside it or its ``init`` (a dead or hung peer) into an
+    ``xf.DistributedError`` naming the rank, the step and the phase. ``api`` names the transform in errors; by
     default the last entry of ``xform_transforms``.
     """
     inner_init = init_of(step)
@@ -112,7 +112,16 @@ def wrap(
             return out
         return check_result(api, out)
 
-    transformed.init = lambda state: init(inner_init(state))  # type: ignore[attr-defined]
+    def init_all(state: TrainState) -> TrainState:
+        try:
+            return init(inner_init(state))
+        except RuntimeError as e:
+            failure = step_failure(comm_api, e, state, phase="step.init (laying the state out)")
+            if failure is None:
+                raise
+            raise failure from e
+
+    transformed.init = init_all  # type: ignore[attr-defined]
     for k, v in attrs.items():
         setattr(transformed, k, v)
     return transformed  # type: ignore[return-value]

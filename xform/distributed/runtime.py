@@ -171,15 +171,15 @@ def _is_peer_failure(e: BaseException) -> bool:
     return any(sign in text for sign in _PEER_FAILURE_SIGNS)
 
 
-def step_failure(api: str, e: BaseException, state: Any) -> DistributedError | None:
+def step_failure(api: str, e: BaseException, state: Any, *, phase: str | None = None) -> DistributedError | None:
     """The ``DistributedError`` for a collective that failed inside a transformed step
     (a peer died or hung: the gradient all-reduce, the FSDP all-gather, the item count
     reduction), or None when ``e`` is not that, or no process group exists.
 
     It names this rank, the rank that failed where torch says (or the only peer, in a
-    group of two), the step (``state.step``) and the phase: the primitive that was
-    running and the innermost communication frame. Called only once a step has raised:
-    nothing of this runs on the happy path.
+    group of two), the step (``state.step``) and the phase: ``phase``, else the
+    primitive that was running; then the innermost communication frame. Called only
+    once a step has raised: nothing of this runs on the happy path.
     """
     if not _group_up() or not _is_peer_failure(e):
         return None
@@ -190,7 +190,7 @@ def step_failure(api: str, e: BaseException, state: Any) -> DistributedError | N
         at = ""
     limit = f"{rt.timeout.total_seconds():g} s" if rt.timeout is not None else "the group's timeout"
     return DistributedError(
-        f"{api}: a collective failed on rank {rt.rank} of {rt.world_size}{at}, in {_phase(e)}: "
+        f"{api}: a collective failed on rank {rt.rank} of {rt.world_size}{at}, in {_phase(e, phase)}: "
         f"{_gist(e)}. {_culprit(e, rt)} exited or did not reach the collective within {limit}; its "
         "own output shows why. If a rank is legitimately slow (e.g. saving a checkpoint), raise the "
         "timeout: xf.distributed.initialize(timeout=...) or `xform launch --timeout S`"
@@ -206,9 +206,10 @@ def _culprit(e: BaseException, rt: Runtime) -> str:
     return "A peer process (torch did not say which rank)"
 
 
-def _phase(e: BaseException) -> str:
-    """The primitive that was running (the innermost ``dispatch`` frame) and the innermost
-    frame of communication code (torch.distributed or a backend), read off the traceback."""
+def _phase(e: BaseException, phase: str | None = None) -> str:
+    """``phase``, else the primitive that was running (the innermost ``dispatch`` frame),
+    and the innermost frame of communication code (torch.distributed or a backend), read
+    off the traceback."""
     primitive = where = None
     tb = e.__traceback__
     while tb is not None:
@@ -219,7 +220,8 @@ def _phase(e: BaseException) -> str:
         if "/torch/distributed/" in path or "/backends/" in path:
             where = f"{os.path.splitext(os.path.basename(path))[0]}.{code.co_name}"
         tb = tb.tb_next
-    phase = _PHASES.get(primitive, "the step") if primitive else "the step"
+    if phase is None:
+        phase = _PHASES.get(primitive, "the step") if primitive else "the step"
     return f"{phase}, at {where}" if where else phase
 
 
