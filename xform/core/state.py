@@ -21,7 +21,7 @@ from xform.core.optim import (
 )
 from xform.tree import NAMESPACE
 
-__all__ = ["TrainState", "DonatedStateError", "ShardedUpdate", "sharded_update"]
+__all__ = ["TrainState", "DonatedStateError", "LEAVES", "ShardedUpdate", "sharded_update"]
 
 
 class DonatedStateError(RuntimeError):
@@ -372,16 +372,12 @@ class TrainState:
     def successor(self, *, updated: bool, **changes: Any) -> "TrainState":
         """The state after one update attempt: the data position always advances,
         ``step`` only when ``updated``. Shares this state's runtime and donates it."""
-        new = TrainState(
+        new = attrs.evolve(
+            self,
             step=self._step + 1 if updated else self._step,
-            params=changes.get("params", self._params),
-            buffers=changes.get("buffers", self._buffers),
-            opt_state=changes.get("opt_state", self._opt_state),
-            rng=self._rng,
             data={**self._data, "consumed": self._data["consumed"] + 1},
-            transforms=changes.get("transforms", self._transforms),
-            spec=self._spec,
             life=_Life(self._life.runtime),
+            **changes,
         )
         self._life.tensors.consumed_by = f"the update that produced step {new._step}"
         return new
@@ -433,29 +429,19 @@ class TrainState:
         )
 
 
-_LEAF_NAMES = {"step", "params", "buffers", "opt_state", "rng", "data", "transforms"}
-_LEAF_ORDER = ("step", "params", "buffers", "opt_state", "rng", "data", "transforms")
+# The leaves, in flattening order: every attrs field but the static two. The one list.
+LEAVES: tuple[str, ...] = tuple(f.alias for f in attrs.fields(TrainState) if f.alias not in ("spec", "life"))
+_LEAF_NAMES = frozenset(LEAVES)
+_PRIVATE = tuple("_" + name for name in LEAVES)
 
 
 def _flatten(s: TrainState):
     s._alive("flattening a TrainState")
-    children = (s._step, s._params, s._buffers, s._opt_state, s._rng, s._data, s._transforms)
-    return children, s._spec, _LEAF_ORDER
+    return tuple(getattr(s, a) for a in _PRIVATE), s._spec, LEAVES
 
 
 def _unflatten(spec: _Spec, children) -> TrainState:
-    step, params, buffers, opt_state, rng, data, transforms = children
-    return TrainState(
-        step=step,
-        params=params,
-        buffers=buffers,
-        opt_state=opt_state,
-        rng=rng,
-        data=data,
-        transforms=transforms,
-        spec=spec,
-        life=_Life(_Runtime(spec)),
-    )
+    return TrainState(**dict(zip(LEAVES, children)), spec=spec, life=_Life(_Runtime(spec)))
 
 
 optree.register_pytree_node(TrainState, _flatten, _unflatten, namespace=NAMESPACE)
