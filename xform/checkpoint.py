@@ -30,6 +30,7 @@ from typing import Any
 import optree
 import torch
 
+from xform.core.group import default_group
 from xform.core.optim import is_dtensor
 from xform.core.state import TrainState
 from xform.tree import NAMESPACE, path_str
@@ -86,11 +87,8 @@ def _cause(e: BaseException) -> str:
 
 
 def _dist() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    _, rank, world = default_group()
+    return rank, world
 
 
 def _entries(state: TrainState) -> tuple[list[str], list[Any], optree.PyTreeSpec]:

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from xform.core.group import default_group, group_up
 from xform.core.optim import local_part
 from xform.core.primitives import Handler, handlers
 from xform.core.state import TrainState
@@ -29,8 +30,8 @@ def _reduce_scatter(*args: Any, **kwargs: Any) -> Any:
 
 def _default_group() -> tuple[Any, int, int]:
     """(group, rank, world) of all processes; (None, 0, 1) without a process group."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.group.WORLD, dist.get_rank(), dist.get_world_size()
+    if group_up():
+        return default_group()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise RuntimeError(
             "shard: WORLD_SIZE is set but no process group is initialized; call "

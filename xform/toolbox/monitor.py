@@ -6,6 +6,8 @@ import sys
 import time
 import torch
 
+from xform.core.group import group_up
+
 __all__ = ["Monitor", "PEAK_FLOPS", "peak_flops_of", "peak_rss_bytes", "rss_bytes"]
 
 # Dense bf16/fp16 tensor-core peak FLOP/s per device, matched as a substring of the device
@@ -213,7 +215,7 @@ class Monitor:
     def _gather_peak(self, out: dict[str, float], peak: float | None) -> None:
         import torch.distributed as dist
 
-        if not (dist.is_available() and dist.is_initialized()):
+        if not group_up():
             return
         backend = dist.get_backend()
         device = self.device if backend == "nccl" else torch.device("cpu")

@@ -17,6 +17,8 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.distributed as dist
 
+from xform.core.group import group_up
+
 __all__ = ["notebook_launcher"]
 
 _ALREADY = (
@@ -185,7 +187,7 @@ def notebook_launcher(
         raise ValueError(f"notebook_launcher: nproc must be an int >= 1, got {nproc!r}")
     if not isinstance(args, (list, tuple)):
         raise TypeError(f"notebook_launcher: args must be a tuple of arguments, got {type(args).__name__}; write args=(x,)")
-    if dist.is_available() and dist.is_initialized():
+    if group_up():
         raise RuntimeError(_ALREADY.format(rank=dist.get_rank(), world=dist.get_world_size()))
     method = _start_method(start_method)
     ctx = multiprocessing.get_context(method)

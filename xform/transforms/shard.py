@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from xform import tree
 from xform.core.backend import get_backend
+from xform.core.group import group_up
 from xform.core.strategies import (  # noqa: F401  (re-exported)
     STRATEGIES, FullyShard, HybridShard, Replicate, Strategy, TensorParallel, ZeRO, parse_strategy,
 )
@@ -45,7 +46,7 @@ def mesh(**axes: int):
 
     if not axes:
         raise ValueError("mesh: name at least one axis, e.g. xf.mesh(dp=2, tp=2)")
-    if not dist.is_initialized():
+    if not group_up():
         raise RuntimeError("mesh: no process group; call xf.distributed.initialize() first (or run under xform launch)")
     bad = {k: v for k, v in axes.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1}
     if bad:
