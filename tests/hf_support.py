@@ -185,7 +185,13 @@ def strategy_and_mesh(case: dict[str, Any]) -> tuple[Any, Any, int, int]:
         fsdp = name == "tp+fsdp"
         plan = xf.TensorParallel(plan=LLAMA_TP_PLAN, data_parallel="fsdp" if fsdp else None)
         return plan, mesh, (dp if fsdp else 1), (mesh["dp"].get_local_rank() if fsdp else 0)
+    if name == "zero3-units":  # units chosen by the user, two of which hold one owner of the tie each
+        return xf.FullyShard(units=_blocks_and_embeddings), None, world, rank
     return name, None, world, rank
+
+
+def _blocks_and_embeddings(m: torch.nn.Module) -> bool:
+    return type(m).__name__ in ("GPT2Block", "Embedding") or type(m).__name__ == "Linear"
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
@@ -229,16 +235,17 @@ def train(case: dict[str, Any]) -> dict[str, Any]:
 
 
 def phase(case: dict[str, Any], path: str | None, start: int, stop: int, load: str | None = None) -> dict[str, Any]:
-    """Trains on global batches [start, stop), loading ``load`` first (checking the tie
-    is restored on the loaded state's module) and saving to ``path`` after."""
+    """Trains on global batches [start, stop), loading ``load`` first (checking that the
+    module's tied owners are both the loaded state's tensor after training on) and
+    saving to ``path`` after."""
     step, state, size, rank = build(case)
     tied_after_load = None
     if load:
         state = xf.load(load, like=state)
     state, losses = run_steps(step, state, batches(case)[start:stop], size, rank)
-    if load:
+    if load:  # the module runs on the loaded state's tensor, through both owners
         emb, out = tied_pair(state.module)
-        tied_after_load = emb is out
+        tied_after_load = emb is out and any(t is out for t in state.params.values())
     if path:
         xf.save(state, path)
     return {

@@ -87,6 +87,9 @@ LLAMA = {"model": "llama", "loss": "out.loss", "global_batch": 4, "steps": STEPS
         {**GPT2, "strategy": "zero1"},
         {**GPT2, "strategy": "zero2"},
         {**GPT2, "strategy": "zero3"},
+        # Units the user chose (blocks, embeddings, linear layers): the wte and lm_head
+        # units would split the tie; they are left to the root unit.
+        {**GPT2, "strategy": "zero3-units"},
         {**GPT2, "strategy": "hsdp", "mesh": (1, 2)},
         {**GPT2, "strategy": "hsdp", "mesh": (2, 1)},
         # A loss from out.logits summed over a different number of tokens on each process
