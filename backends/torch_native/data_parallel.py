@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from xform.core.optim import adopt_opt_state, build_optimizer, local_part, optimizer_step, placeholder_opt_state
+from xform.core.backend import cached, static
 from xform.core.primitives import Handler, Reducer
 from xform.core.state import TrainState
 from xform.core.strategies import Replicate, ZeRO
@@ -239,7 +240,7 @@ class DataParallel:
     def owned_squares(self, state: TrainState, grads: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """With gradient clipping under zero1/zero2: the sum of squares of this process's
         gradient rows (float64), for shard to fold into its all-reduce; else None."""
-        if state._spec.max_grad_norm is None or not self.sharded:
+        if static(state).max_grad_norm is None or not self.sharded:
             return None
         plan = self.plan(state.params)
         local = _local_grads(self, plan, grads)
@@ -259,9 +260,9 @@ def _shard_opt_state(state: TrainState, plan: _Plan, mesh: Any) -> TrainState:
     _check_fresh(state)
     if mesh is None:
         mesh = init_device_mesh(_device_type(), (plan.world,))
-    names = state._spec.trainable
+    names = static(state).trainable
     local = {k: plan.entries[k].local(state.params[k].detach()) for k in names}
-    placeholders = placeholder_opt_state(state._spec.optimizer, local, names)
+    placeholders = placeholder_opt_state(static(state).optimizer, local, names)
     out = {}
     for k in names:
         e, full = plan.entries[k], state.params[k]
@@ -303,7 +304,7 @@ class _DataParallelHandler(Reducer):
         count = self.take_count(count)
         if not self.reduced:  # gradients that did not come from value_and_grad's hooks
             grads = self._comm(state.params).finish(grads)
-        return next(state, grads, _global_count(count, self.group, self.pieces, state._spec.device))
+        return next(state, grads, _global_count(count, self.group, self.pieces, static(state).device))
 
 
 def _local_grads(layout: DataParallel, plan: _Plan, grads: dict[str, torch.Tensor]) -> list[torch.Tensor]:
@@ -316,16 +317,15 @@ def _zero_update(
 ) -> dict[str, Any]:
     plan = layout.plan(state.params)
     names = plan.names
-    rt = state._runtime("TrainState.apply_gradients")
-    key = ("zero", id(layout))
-    cache = rt.extras.get(key)
     opt_state = state.opt_state
-    if cache is None:
+
+    def make() -> tuple[list[torch.Tensor], torch.optim.Optimizer]:
         views = [plan.entries[k].local(state.params[k].detach()) for k in names]
         local_state = {"initialized": opt_state["initialized"], "state": {
             k: {kk: local_part(v) for kk, v in opt_state["state"][k].items()} for k in names}}
-        cache = rt.extras[key] = (views, build_optimizer(state._spec.optimizer, names, views, local_state))
-    views, optimizer = cache
+        return views, build_optimizer(static(state).optimizer, names, views, local_state)
+
+    views, optimizer = cached(state, ("zero", id(layout)), make)
     local_grads = _local_grads(layout, plan, grads)
 
     def total_norm(gs: list[torch.Tensor]) -> torch.Tensor:

@@ -1,8 +1,23 @@
-"""Backends, chosen from a table.
+"""Backends, chosen from a table, and the interface they reach the core through.
 
 A backend says how a ``TrainState`` is laid out for a parallel strategy and how the
 primitives run under it. Core names backends by import path only, so no backend's
 dependency is imported before it is asked for.
+
+What a backend may use of the core, besides the public API (``TrainState``'s leaves,
+``Handler``/``Reducer`` from ``xform.core.primitives``, the optimizer helpers of
+``xform.core.optim``), is the few functions below: nothing else of a state's private
+parts.
+
+- ``static(state)``: the state's static part, read-only: ``module``, ``optimizer`` (the
+  factory ``params -> torch.optim.Optimizer``), ``trainable`` (names, in order),
+  ``max_grad_norm``, ``device``.
+- ``cached(state, key, make)``: a value bound to the state's tensors (an optimizer over
+  views of them, a bucket plan), made once by ``make()`` and shared by the states that
+  updates make in place; a state rebuilt from leaves gets a fresh cache.
+- ``relaid(state, by, **leaves)``: the state over tensors laid out anew (sharded, cast);
+  the old state, and every state sharing its tensors, is donated to it (``by`` says to
+  what, in the error a later use raises).
 """
 
 from __future__ import annotations
@@ -14,7 +29,7 @@ from typing import Any, Protocol
 from xform.core.primitives import Handler
 from xform.core.state import TrainState
 
-__all__ = ["Backend", "Layout", "BACKENDS", "available_backends", "get_backend"]
+__all__ = ["Backend", "Layout", "BACKENDS", "available_backends", "get_backend", "static", "cached", "relaid"]
 
 
 class Layout(Protocol):
@@ -46,6 +61,26 @@ class Backend(Protocol):
     def layout(self, strategy: Any, mesh: Any, *, inner: Any = None) -> Layout:
         """The layout of ``strategy`` on ``mesh`` (None: every process, one axis);
         ``inner`` is the step being sharded (its ``policy`` sets gather dtypes)."""
+
+
+def static(state: TrainState) -> Any:
+    """The static part of ``state``: ``module``, ``optimizer``, ``trainable``,
+    ``max_grad_norm``, ``device`` (read-only)."""
+    return state._spec
+
+
+def cached(state: TrainState, key: Any, make: Any) -> Any:
+    """``make()``'s value, made once per set of tensors (see the module docs)."""
+    extras = state._runtime("TrainState.apply_gradients").extras
+    value = extras.get(key)
+    if value is None:
+        value = extras[key] = make()
+    return value
+
+
+def relaid(state: TrainState, by: str, **leaves: Any) -> TrainState:
+    """The state over re-laid-out tensors ``leaves``; donates ``state`` (see the module docs)."""
+    return state._relaid(by, **leaves)
 
 
 # The one table of backends: name -> "module:class", or None for a backend that is named
