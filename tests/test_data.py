@@ -154,7 +154,7 @@ def test_ranks_with_an_uneven_last_batch_stay_in_step():
 @pytest.mark.parametrize(
     "dataset, kwargs, error, match",
     [
-        (iter(range(10)), {}, TypeError, "xf.DataLoader: dataset must be map-style \\(__len__ and __getitem__\\), got range_iterator"),
+        (iter(range(10)), {}, TypeError, "xf.DataLoader: dataset must be map-style \\(__len__ and __getitem__\\) or a torch.utils.data.IterableDataset, got range_iterator"),
         (torch.arange(10), dict(batch_size=0), ValueError, "xf.DataLoader: batch_size must be a positive int, got 0"),
         (torch.arange(10), dict(batch_size=True), ValueError, "batch_size must be a positive int, got True"),
         (torch.arange(10), dict(batch_size="4"), ValueError, "batch_size must be a positive int, got '4'"),
@@ -169,22 +169,21 @@ def test_bad_arguments(dataset, kwargs, error, match):
         xf.DataLoader(dataset, **kwargs)
 
 
-class Stream(torch.utils.data.IterableDataset):
+class SizedStream(torch.utils.data.IterableDataset):
     def __iter__(self):
         return iter(range(10))
 
-
-class SizedStream(Stream):
     def __len__(self):
         return 10
 
 
-@pytest.mark.parametrize("dataset", [Stream(), SizedStream()], ids=["unsized", "sized"])
-def test_iterable_datasets_are_refused_at_construction(dataset):
+def test_an_iterable_dataset_with_len_is_read_as_a_stream():
     """An IterableDataset is not map-style even when it has ``__len__`` (torch's Dataset
-    base class defines a ``__getitem__`` that raises NotImplementedError)."""
-    with pytest.raises(TypeError, match=r"xf.DataLoader: dataset must be map-style \(__len__ and __getitem__\)"):
-        xf.DataLoader(dataset, batch_size=4)
+    base class defines a ``__getitem__`` that raises NotImplementedError): it is read as
+    a stream (tests/test_data_stream.py), never indexed."""
+    loader = xf.DataLoader(SizedStream(), batch_size=4)
+    assert loader.resume_method == "count-and-skip"
+    assert [b.tolist() for b in loader.iterate(STATE)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
 
 
 def test_iterate_needs_a_state():

@@ -11,10 +11,14 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.utils.data
 
+from xform import _data_stream as _stream
 from xform.distributed.runtime import runtime as _runtime
 from xform.core.state import TrainState
 
 __all__ = ["DataLoader"]
+
+
+_KEPT = 64  # layouts of the last served batches an iterable loader remembers
 
 
 def _mix(*xs: int) -> int:
@@ -140,7 +144,7 @@ class DataLoader:
         *,
         batch_size: int | None = None,
         global_batch_size: int | None = None,
-        shuffle: bool = True,
+        shuffle: bool | None = None,
         seed: int | None = None,
         drop_last: bool = False,
         num_workers: int = 0,
@@ -150,9 +154,16 @@ class DataLoader:
         world_size: int | None = None,
     ):
         iterable = isinstance(dataset, torch.utils.data.IterableDataset)
-        if iterable or not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+        if not iterable and (not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__")):
             raise TypeError(
-                f"xf.DataLoader: dataset must be map-style (__len__ and __getitem__), got {type(dataset).__name__}"
+                "xf.DataLoader: dataset must be map-style (__len__ and __getitem__) or a "
+                f"torch.utils.data.IterableDataset, got {type(dataset).__name__}"
+            )
+        if iterable and shuffle:
+            raise ValueError(
+                "xf.DataLoader: shuffle=True needs a map-style dataset; an IterableDataset is read in its "
+                "own order (shuffle it in the dataset, e.g. a Hugging Face dataset's .shuffle(seed=..., "
+                "buffer_size=...), whose set_epoch the loader calls each epoch)"
             )
         if (batch_size is None) == (global_batch_size is None):
             raise TypeError(
@@ -183,7 +194,9 @@ class DataLoader:
             batch_size = global_batch_size // world_size
         self.dataset = dataset
         self.batch_size = batch_size
-        self.shuffle = shuffle
+        self.shuffle = not iterable if shuffle is None else bool(shuffle)
+        self._iterable = iterable
+        self._layouts: dict[int, tuple[int, int]] = {}  # served global batch -> layout (iterable datasets)
         self.seed = seed
         self.drop_last = drop_last
         self.num_workers = num_workers
@@ -192,7 +205,7 @@ class DataLoader:
         self.rank = rank
         self.world_size = world_size
         self._served: int | None = None  # global index of the batch iterate() yielded last
-        if len(self) == 0:
+        if not iterable and len(self) == 0:
             raise ValueError(
                 f"xf.DataLoader: a dataset of {len(dataset)} examples gives no batch of global size "
                 f"{self.global_batch_size} with drop_last=True; use a smaller batch_size or drop_last=False"
@@ -203,8 +216,20 @@ class DataLoader:
         """Examples per global batch: ``batch_size * world_size``."""
         return self.batch_size * self.world_size
 
+    @property
+    def resume_method(self) -> str:
+        """How ``iterate`` finds its place: ``"index"`` (a map-style dataset: the batch's
+        examples are computed from the position) or ``"count-and-skip"`` (an
+        ``IterableDataset``: the consumed batches are read again and dropped)."""
+        return "count-and-skip" if self._iterable else "index"
+
     def __len__(self) -> int:
         """Batches per epoch."""
+        if self._iterable:
+            raise TypeError(
+                "xf.DataLoader: an IterableDataset has no len (batches per epoch are known only by "
+                "reading the stream); use loader.position(state) for the epoch and batch of a state"
+            )
         return self._per_epoch(self.global_batch_size)
 
     def _per_epoch(self, global_batch_size: int) -> int:
@@ -214,6 +239,9 @@ class DataLoader:
     def position(self, state: TrainState) -> tuple[int, int]:
         """``(epoch, index of the next batch in that epoch)`` for ``state``."""
         self._check(state, "xf.DataLoader.position")
+        if self._iterable:  # reads the stream up to the position
+            seed = state.data["seed"] if self.seed is None else self.seed
+            return _stream.count(self.dataset, self.global_batch_size, self.drop_last, seed, state.data["consumed"])
         return divmod(state.data["consumed"], len(self))
 
     def attach(self, state: TrainState, *, reslice: bool = False) -> TrainState:
@@ -255,6 +283,11 @@ class DataLoader:
             return state.replace(data={**state.data, "global_batch_size": size})
         if not reslice:
             raise ValueError(self._mismatch(api, recorded))
+        if self._iterable:
+            raise ValueError(
+                f"{api}: reslice=True needs a map-style dataset; an IterableDataset's position counts global "
+                f"batches of {recorded} examples of its stream, so keep global_batch_size={recorded}"
+            )
         epoch, b = divmod(state.data["consumed"], self._per_epoch(recorded))
         n = len(self.dataset)
         served = min(b * recorded, n)
@@ -297,6 +330,7 @@ class DataLoader:
 
     def order(self, seed: int, epoch: int) -> torch.Tensor:
         """The dataset indices of ``epoch``, in the order they are served."""
+        self._map_style("xf.DataLoader.order")
         n = len(self.dataset)
         if not self.shuffle:
             return torch.arange(n)
@@ -318,6 +352,13 @@ class DataLoader:
             index = self._served
         if isinstance(index, bool) or not isinstance(index, int) or index < 0:
             raise ValueError(f"xf.DataLoader.layout: index must be a non-negative int, got {index!r}")
+        if self._iterable:
+            if index not in self._layouts:
+                raise ValueError(
+                    f"xf.DataLoader.layout: global batch {index} is not among the last {_KEPT} batches this "
+                    "loader served; an IterableDataset's batch sizes are known only once read"
+                )
+            return self._layouts[index]
         b = index % len(self)
         rest = len(self.dataset) - b * self.global_batch_size
         if rest >= self.global_batch_size:
@@ -343,6 +384,9 @@ class DataLoader:
         self._check(state, "xf.DataLoader.iterate")
         seed = state.data["seed"] if self.seed is None else self.seed
         index = state.data["consumed"]
+        if self._iterable:
+            yield from self._stream_batches(seed, index, epochs)
+            return
         epoch, start = divmod(index, len(self))
         last = None if epochs is None else epoch + epochs
         while last is None or epoch < last:
@@ -354,8 +398,29 @@ class DataLoader:
 
     def indices(self, seed: int, index: int) -> list[int]:
         """The dataset indices of this process's slice of global batch ``index``."""
+        self._map_style("xf.DataLoader.indices")
         epoch, b = divmod(index, len(self))
         return list(self._slice(self.order(seed, epoch), b))
+
+    def _map_style(self, api: str) -> None:
+        if self._iterable:
+            raise TypeError(f"{api}: this loader reads an IterableDataset, which has no indices; it needs a map-style dataset")
+
+    def _stream_batches(self, seed: int, start: int, epochs: int | None) -> Iterator[Any]:
+        reader = _stream.StreamReader(
+            self.dataset, batch_size=self.batch_size, rank=self.rank, world_size=self.world_size,
+            drop_last=self.drop_last, seed=seed, start=start, epochs=epochs,
+            collate_fn=self.collate_fn or torch.utils.data.default_collate,
+        )
+        loader = torch.utils.data.DataLoader(
+            reader, batch_size=None, num_workers=self.num_workers, collate_fn=_stream.identity, pin_memory=self.pin_memory,
+            generator=torch.Generator().manual_seed(_mix(seed, start, self.rank)),  # not the global one
+        )
+        for index, _, per, pad, batch in loader:
+            self._layouts[index] = (per, pad)
+            self._layouts.pop(index - _KEPT, None)
+            self._served = index
+            yield batch
 
     def _slice(self, order: torch.Tensor, b: int) -> _Batch:
         gbs = self.global_batch_size
@@ -384,6 +449,11 @@ class DataLoader:
         yield from loader
 
     def __repr__(self) -> str:
+        if self._iterable:
+            return (
+                f"DataLoader({type(self.dataset).__name__}, batch_size={self.batch_size}, "
+                f"world_size={self.world_size}, drop_last={self.drop_last})"
+            )
         return (
             f"DataLoader({type(self.dataset).__name__}[{len(self.dataset)}], batch_size={self.batch_size}, "
             f"world_size={self.world_size}, shuffle={self.shuffle}, drop_last={self.drop_last})"

@@ -1,0 +1,167 @@
+"""The iterable-dataset half of ``xf.DataLoader``: one global stream, resumed by count and skip.
+
+An ``IterableDataset`` cannot be indexed, so the loader gives it the meaning a map-style
+dataset has with ``shuffle=False``: the examples the dataset yields, in order, are one
+global stream per epoch; global batch ``g`` is the next ``global_batch_size`` of them
+and rank ``r`` gets the ``r``-th of ``world_size`` equal slices. Every reader (the main
+process, or each worker process of each rank) iterates the whole stream and keeps only
+what is its own: its rank's slice of the global batches its worker owns (worker ``w`` of
+``n`` owns the batches ``start + w``, ``start + w + n``, ... in the order torch's
+``DataLoader`` collects them). So the ranks never overlap, the workers never serve a
+batch twice, and the union over ranks is what one process would see.
+
+The position is ``state.data["consumed"]`` global batches, as for map-style datasets;
+a resumed reader reads and drops the examples of the consumed batches (count and skip),
+crossing epoch ends as the uninterrupted run did (``set_epoch(e)`` is called on datasets
+that have it at the start of epoch ``e``). The cost is reading the skipped examples once
+per reader, and, as the price of not depending on how a dataset splits itself, each
+reader reads the stream whole. Because the position counts global batches of one
+stream, a checkpoint resumes on any number of processes with the same global batch size.
+
+Random augmentations drawn while iterating are reproducible: the random streams (torch,
+``random``, numpy) are seeded from (seed, global batch index) before each global batch
+is read, by every reader alike; in the main process they are given back afterwards.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+import sys
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.utils.data
+
+__all__: list[str] = []
+
+
+def _mix(*xs: int) -> int:
+    return hash(tuple(xs)) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def _seed_streams(seed: int) -> None:
+    torch.default_generator.manual_seed(seed)
+    random.seed(seed)
+    if "numpy" in sys.modules:
+        sys.modules["numpy"].random.seed(seed % 2**32)
+
+
+class _Streams:
+    """Saves the process's random streams on enter and gives them back on exit."""
+
+    def __enter__(self) -> None:
+        np = sys.modules.get("numpy")
+        self.saved = (torch.default_generator.get_state(), random.getstate(), np.random.get_state() if np else None)
+
+    def __exit__(self, *exc: Any) -> None:
+        torch.default_generator.set_state(self.saved[0])
+        random.setstate(self.saved[1])
+        np = sys.modules.get("numpy")
+        if np is not None and self.saved[2] is not None:
+            np.random.set_state(self.saved[2])
+
+
+def layout(rest: int, batch_size: int, world_size: int) -> tuple[int, int]:
+    """``(examples per process, padded examples)`` of a global batch of ``rest`` examples."""
+    if rest >= batch_size * world_size:
+        return batch_size, 0
+    per = math.ceil(rest / world_size)
+    return per, per * world_size - rest
+
+
+def examples(dataset: Any) -> Iterator[Any]:
+    """The dataset's whole stream, also in a worker process.
+
+    A Hugging Face ``datasets.IterableDataset`` splits its shards among torch's worker
+    processes by itself; the loader splits the stream itself, so it reads such a dataset
+    through ``.iter`` (which does not split), one example at a time.
+    """
+    if torch.utils.data.get_worker_info() is not None and type(dataset).__module__.startswith("datasets."):
+        for row in dataset.iter(batch_size=1):
+            yield {k: v[0] for k, v in row.items()}
+        return
+    yield from dataset
+
+
+class StreamReader(torch.utils.data.IterableDataset):
+    """One reader's batches, from global batch ``start`` on: ``(index, epoch, per, pad, batch)``."""
+
+    def __init__(
+        self,
+        dataset: Any,
+        *,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        drop_last: bool,
+        seed: int,
+        start: int,
+        epochs: int | None,
+        collate_fn: Callable[[list[Any]], Any],
+    ):
+        self.dataset, self.batch_size, self.rank, self.world_size = dataset, batch_size, rank, world_size
+        self.drop_last, self.seed, self.start, self.epochs, self.collate_fn = drop_last, seed, start, epochs, collate_fn
+
+    def _read(self, it: Iterator[Any], n: int, index: int, main: bool) -> list[Any]:
+        if not main:
+            _seed_streams(_mix(self.seed, index))
+            return list(itertools.islice(it, n))
+        with _Streams():
+            _seed_streams(_mix(self.seed, index))
+            return list(itertools.islice(it, n))
+
+    def __iter__(self) -> Iterator[tuple[int, int, int, int, Any]]:
+        info = torch.utils.data.get_worker_info()
+        w, n = (0, 1) if info is None else (info.id, info.num_workers)
+        main = info is None
+        G = self.batch_size * self.world_size
+        index, epoch, last = 0, 0, None
+        while last is None or epoch < last:
+            if hasattr(self.dataset, "set_epoch"):
+                self.dataset.set_epoch(epoch)
+            it = examples(self.dataset)
+            head: list[Any] = []
+            first = index
+            while True:
+                chunk = self._read(it, G, index, main)
+                if not chunk or (len(chunk) < G and self.drop_last):
+                    break
+                if index == first:
+                    head = chunk
+                if index >= self.start:
+                    if last is None and self.epochs is not None:
+                        last = epoch + self.epochs
+                    if (index - self.start) % n == w:
+                        per, pad = layout(len(chunk), self.batch_size, self.world_size)
+                        padded = chunk + [head[i % len(head)] for i in range(pad)]
+                        mine = padded[self.rank * per : (self.rank + 1) * per]
+                        yield index, epoch, per, pad, self.collate_fn(mine)
+                index += 1
+                if len(chunk) < G:
+                    break
+            if index == first:  # an empty epoch: the stream is over for good
+                return
+            epoch += 1
+
+
+def count(dataset: Any, global_batch_size: int, drop_last: bool, seed: int, consumed: int) -> tuple[int, int]:
+    """``(epoch, index in that epoch)`` of global batch ``consumed``, by reading the stream."""
+    reader = StreamReader(
+        dataset, batch_size=global_batch_size, rank=0, world_size=1, drop_last=drop_last, seed=seed,
+        start=0, epochs=None, collate_fn=len,
+    )
+    firsts: dict[int, int] = {}
+    for index, epoch, _, _, _ in reader:
+        first = firsts.setdefault(epoch, index)
+        if index == consumed:
+            return epoch, index - first
+    raise ValueError(
+        f"xf.DataLoader.position: the stream ends before global batch {consumed}; "
+        "the state's position does not belong to this dataset"
+    )
+
+
+def identity(x: Any) -> Any:
+    return x
