@@ -206,7 +206,8 @@ def build(case: dict[str, Any]):
         strategy, mesh, size, rank = strategy_and_mesh(case)
         step = xf.shard(step, strategy, mesh=mesh)
     init = getattr(step, "init", lambda s: s)
-    return step, init(xf.TrainState.create(model(case), **optimizer(case))), size, rank
+    state = xf.TrainState.create(model(case), max_grad_norm=case.get("clip"), **optimizer(case))
+    return step, init(state), size, rank
 
 
 def run_steps(step, state, bs, size: int, rank: int):

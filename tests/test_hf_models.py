@@ -43,7 +43,7 @@ _REFERENCES: dict[tuple, dict] = {}
 
 
 def reference(case):
-    key = (case["model"], case["loss"], case.get("tied", False), case.get("k", 1), case["steps"])
+    key = (case["model"], case["loss"], case.get("tied", False), case.get("k", 1), case["steps"], case.get("clip"))
     if key not in _REFERENCES:
         _REFERENCES[key] = hs.train({k: v for k, v in case.items() if k not in ("strategy", "mesh")})
     return _REFERENCES[key]
@@ -106,8 +106,13 @@ LLAMA = {"model": "llama", "loss": "out.loss", "global_batch": 4, "steps": STEPS
         # of the row-wise outputs.
         {**LLAMA, "strategy": "tp"},
         {**LLAMA, "loss": "masked", "strategy": "tp"},
+        # Gradient clipping's global norm over split (q/k/v, MLP) and replicated (norms,
+        # embeddings) gradients. Catches: a norm summed over the tp processes for the
+        # replicated gradients (counted twice) or taken over local shards only.
+        {**LLAMA, "strategy": "tp", "clip": 0.05},
     ],
-    ids=lambda c: f"{c['model']}-{c['strategy']}{c.get('mesh') or ''}-{c['loss']}-k{c.get('k', 1)}",
+    ids=lambda c: f"{c['model']}-{c['strategy']}{c.get('mesh') or ''}-{c['loss']}-k{c.get('k', 1)}"
+    + (f"-clip{c['clip']}" if c.get("clip") else ""),
 )
 def test_hf_model_on_two_processes_equals_the_single_process_step(pool2, case):
     check(case, pool2.run(hs.train, case))
