@@ -26,26 +26,33 @@ How it is measured, in every process of a gloo group of N
   gloo's reduce-scatter makes, the staging buffer of its all-gather) and FSDP2's
   gathered params. Step 1 creates the optimizer state; then ``--steps`` steps are
   measured, each after ``gc.collect()`` (garbage of earlier steps is not counted; the
-  bytes that collection freed are reported when there are any). "between" is the live
-  count just before a step, "peak" the largest one while it runs; the table gives their
-  medians over the measured steps and ranks, and the peaks' range. "in-step" = peak -
-  between: what a step needs beyond what it keeps.
+  bytes that collection freed, memory an earlier step left in reference cycles, are
+  reported when there are any). "between" is the live count just before a step, "peak"
+  the largest one while it runs; the table gives their medians over the measured steps
+  and ranks, and the peaks' range. "in-step" = peak - between: what a step needs beyond
+  what it keeps.
 - For the largest peak, the bytes allocated in that step and alive at that moment are
   listed by where they were made (innermost Python frame > ops), from the profiler's
   stacks; so are the bytes alive at the start of a step that an earlier step made, when
   there are any.
 
-Limits, and why the table gives medians: the profiler records only this thread's frees.
+Limits, and what is done about them: the profiler records only this thread's frees.
 When gloo's worker thread drops the last reference to a buffer (c10d's temporaries, or a
-tensor whose collective outlived the Python call), its free is not seen, and the replay
-counts the buffer as alive until its address is allocated again (reported as "addresses
-allocated again"). Those buffers show up in "made by an earlier one" and in the top of
-the peaks' range; the medians are not moved by an occasional one. Also not seen: memory
-that gloo's transport mallocs itself, outside the PyTorch allocator (its algorithms work
-in the tensors' own memory), and the allocator's and the OS's caching (these are
-allocated bytes, not RSS). The model (an MLP 512 -> 512 -> 1024 -> 256, Psi =
-1,050,368) has every first dimension divisible by 4, so the row shards are exact; batch
-8 per process, so activations are small (~0.1 MiB).
+tensor whose collective outlived the Python call), its free is not seen (about one free
+in five of a gloo all-gather's buffers, here). Two corrections: an address allocated
+again counts as freed first (reported as "addresses allocated again"), and at the start
+of each measured step, after ``gc.collect()``, the replay keeps only the storages of
+tensors that Python can still reach (``gc.get_objects()``, a DTensor's local tensor
+included): everything else it counts was freed unseen and is dropped (reported as
+"freed on another thread"). So "between" counts the storages that Python holds (one
+that only C++ held between steps would be missed; none is expected here), and a missed
+free can inflate only the peak of the step it happened in, not later ones: the medians
+are not moved by an occasional one, the top of the range may be. Also not seen: memory that gloo's
+transport mallocs itself, outside the PyTorch allocator (its algorithms work in the
+tensors' own memory), and the allocator's and the OS's caching (these are allocated
+bytes, not RSS). The model (an MLP 512 -> 512 -> 1024 -> 256, Psi = 1,050,368) has every
+first dimension divisible by 4, so the row shards are exact; batch 8 per process, so
+activations are small (~0.1 MiB).
 
 Run: ``.venv/bin/python bench/memory.py`` (``--nprocs 2,4 --steps 5``; ``--quick``:
 N = 2, 2 measured steps, to check that the script runs).
@@ -121,13 +128,15 @@ def _label(node, window) -> str:
     return " > ".join([frame] + (ops if len(ops) <= 2 else [ops[0], ops[-1]]))
 
 
-def replay(prof, windows: list[str]) -> dict[str, dict]:
+def replay(prof, windows: list[str], alive: dict[str, set[int]]) -> dict[str, dict]:
     """For each ``record_function`` range named in ``windows`` (in time order, not
     overlapping): the live bytes just before it ("before"), at its end ("after") and at
     its peak ("peak"); the bytes allocated inside it and alive at the peak ("where"), and
     the bytes alive at its start that an earlier window allocated ("carried"), both by
     where they were allocated; from the allocations and frees that ``prof`` recorded,
-    replayed in order."""
+    replayed in order. ``alive[name]``, where given, holds the addresses of the storages
+    really alive when that window starts: anything else the replay still counts then was
+    freed on a thread the profiler does not watch, and is dropped ("missed" bytes)."""
     nodes = list(_walk(prof.profiler.kineto_results.experimental_event_tree()))
     spans = {n.name: n for n in nodes if n.tag == _EventType.TorchOp and _name(n) in windows}
     events = sorted(
@@ -161,6 +170,12 @@ def replay(prof, windows: list[str]) -> dict[str, dict]:
                 live -= sizes.pop(ptr)
                 made.pop(ptr, None)
             pending = next(it, None)
+        missed = 0
+        if name in alive:
+            for ptr in [p for p in sizes if p not in alive[name]]:
+                missed += sizes.pop(ptr)
+                made.pop(ptr, None)
+            live -= missed
         before = peak = live
         carried = by_place(made.values())
         inside: set[int] = set()  # ptrs allocated in this window and alive
@@ -181,8 +196,23 @@ def replay(prof, windows: list[str]) -> dict[str, dict]:
                 peak, at_peak = live, [made[p] for p in inside]
             pending = next(it, None)
         where = by_place(at_peak)
-        out[name] = {"before": before, "after": live, "peak": peak, "where": where, "carried": carried, "unseen": unseen}
+        out[name] = {"before": before, "after": live, "peak": peak, "where": where, "carried": carried, "unseen": unseen,
+                     "missed": missed}
     return out
+
+
+def reachable_storages() -> set[int]:
+    """The addresses of the storages of every tensor Python can reach (a DTensor's local
+    tensor included): what is really alive between steps, once garbage is collected."""
+    objs = gc.get_objects()
+    # No Python call per object: the profiler traces every call (with_stack) and there are ~10^5 objects.
+    kinds = {cls for cls in set(map(type, objs)) if issubclass(cls, torch.Tensor)}
+    ptrs = set()
+    for t in [o for o in objs if o.__class__ in kinds]:
+        t = t._local_tensor if hasattr(t, "_local_tensor") else t
+        if t.device.type == "cpu":
+            ptrs.add(t.untyped_storage().data_ptr())
+    return ptrs
 
 
 def measure_worker(strategy: str, steps: int) -> dict:
@@ -191,6 +221,7 @@ def measure_worker(strategy: str, steps: int) -> dict:
     from torch.profiler import ProfilerActivity, profile, record_function
 
     grads_seen: list[int] = []
+    alive: dict[str, set[int]] = {}
 
     def step(state, batch):
         x, y = batch
@@ -212,9 +243,11 @@ def measure_worker(strategy: str, steps: int) -> dict:
         for i in range(steps):
             with record_function(f"xform-bench: gc {i}"):  # what earlier steps left to the cyclic collector
                 gc.collect()
+                alive[f"xform-bench: step {i}"] = reachable_storages()
             with record_function(f"xform-bench: step {i}"):
                 state, _ = sharded(state, batch)
-    spans = replay(prof, ["xform-bench: first step"] + [f"xform-bench: {w} {i}" for i in range(steps) for w in ("gc", "step")])
+    windows = ["xform-bench: first step"] + [f"xform-bench: {w} {i}" for i in range(steps) for w in ("gc", "step")]
+    spans = replay(prof, windows, alive)
     measured = [spans[f"xform-bench: step {i}"] for i in range(steps)]
     top = max(measured, key=lambda s: s["peak"])
     held = max(measured, key=lambda s: s["before"])
@@ -230,6 +263,7 @@ def measure_worker(strategy: str, steps: int) -> dict:
         "where": top["where"],
         "carried": held["carried"],
         "unseen": measured[-1]["unseen"],
+        "missed": max(s["missed"] for s in measured),
         "garbage": max(spans[f"xform-bench: gc {i}"]["before"] - spans[f"xform-bench: gc {i}"]["after"] for i in range(steps)),
     }
 
@@ -277,6 +311,9 @@ def main() -> None:
                 unseen = max(x["unseen"] for x in per_rank)
                 if unseen:
                     print(f"  ({unseen} addresses were allocated again without their free being seen: counted as freed)")
+                missed = max(x["missed"] for x in per_rank)
+                if missed:
+                    print(f"  (up to {missed / MIB:.2f} MiB freed on another thread before a step, dropped at its start)")
                 if max(b for x in per_rank for b in x["between"]) - min(b for x in per_rank for b in x["between"]) >= MIB / 16:
                     print(f"  between steps by rank (MiB): {[[round(b / MIB, 2) for b in x['between']] for x in per_rank]}")
                 held = max(per_rank, key=lambda x: max(x["between"]))["carried"]
