@@ -301,3 +301,17 @@ def test_metrics_that_differ_between_micro_batches_are_named():
         r"\(\['acc', 'loss'\] vs \['loss'\]\); return the same metrics from every micro-batch$"
     )):  # fmt: skip
         xf.accumulate(varying, 2)(make_state(), batch())
+
+
+def test_an_input_on_another_device_names_the_input_and_both_devices():
+    """Bug: torch's 'Tensor on device cpu is not on the expected device meta!' (or, on a
+    GPU, 'Expected all tensors to be on the same device') without naming the input or
+    the fix. The meta device stands in for a GPU here."""
+    state = make_state()
+    x = batch()["x"].to("meta")
+    with pytest.raises(ValueError, match=(
+        r"^xf.apply: input args\[0\] is on meta but the model's params are on cpu; move the batch to the "
+        r"params' device \(x.to\(xf.distributed.device\(\)\)\)$"
+    )) as info:  # fmt: skip
+        xf.apply(state, state.params, x)
+    assert isinstance(info.value.__cause__, RuntimeError)

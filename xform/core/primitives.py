@@ -287,8 +287,8 @@ def _apply_base(state: "TrainState", params, args, kwargs):
             return rt.module(*args, **kwargs)
         _check_params(state, params)
         return torch.func.functional_call(rt.module, {**state.buffers, **params}, args, kwargs, strict=False)
-    except RuntimeError as e:  # only now, never on the happy path: was it the inputs' dtype?
-        mismatch = _dtype_mismatch(e, params, args, kwargs)
+    except RuntimeError as e:  # only now, never on the happy path: was it the inputs' device or dtype?
+        mismatch = _input_mismatch(e, params, args, kwargs)
         if mismatch is None:
             raise
         raise mismatch from e
@@ -328,17 +328,28 @@ def _check_params(state: "TrainState", params: Any) -> None:
 _ABOUT_TYPES = re.compile(r"dtype|scalar type|\btype\b|\b(?:long|int|double|float|half|bfloat16)\b", re.IGNORECASE)
 
 
-def _dtype_mismatch(e: RuntimeError, params: Any, args: Any, kwargs: Any) -> TypeError | None:
-    """A ``TypeError`` naming the first input whose dtype differs from the params' when
-    that explains ``e`` (the module call failed); None otherwise. A floating input of
-    another floating dtype always does; an integer input only when torch's message is
-    about types (an int64 input is right for an embedding)."""
-    dtypes = {t.dtype for t in params.values() if isinstance(t, torch.Tensor) and t.is_floating_point()}
+def _input_mismatch(e: RuntimeError, params: Any, args: Any, kwargs: Any) -> Exception | None:
+    """An error naming the first input on another device than the params (a
+    ``ValueError``) or of another dtype (a ``TypeError``) when that explains ``e`` (the
+    module call failed); None otherwise. A floating input of another floating dtype
+    always does; an integer input only when torch's message is about types (an int64
+    input is right for an embedding). 0-d inputs may live on the CPU."""
+    tensors = [t for t in params.values() if isinstance(t, torch.Tensor)]
+    inputs = list(_inputs(args, kwargs))
+    devices = {t.device for t in tensors}
+    for where, x in inputs:
+        if x.dim() > 0 and devices and x.device not in devices:
+            model = next(iter(devices)) if len(devices) == 1 else sorted(map(str, devices))
+            return ValueError(
+                f"xf.apply: input {where} is on {x.device} but the model's params are on {model}; move the "
+                "batch to the params' device (x.to(xf.distributed.device()))"
+            )
+    dtypes = {t.dtype for t in tensors if t.is_floating_point()}
     if not dtypes:
         return None
     want = next(iter(dtypes)) if len(dtypes) == 1 else None
     about_types = _ABOUT_TYPES.search(str(e)) is not None
-    for where, x in _inputs(args, kwargs):
+    for where, x in inputs:
         if x.dtype in dtypes or x.is_complex():
             continue
         if x.is_floating_point() or (about_types and x.dtype != torch.bool):
