@@ -4,6 +4,8 @@ nothing is passed through silently (issue 7, "bad input").
 Each test names the bug it catches; each failed on the code before its fix.
 """
 
+import collections
+
 import numpy as np
 import pytest
 import torch
@@ -145,6 +147,18 @@ def test_leaves_that_cannot_be_split_are_refused(b, error, match):
     without naming the leaf)."""
     with pytest.raises(error, match=match):
         split_batch("accumulate", b, 3)
+
+
+def test_a_mapping_that_is_not_a_dict_is_refused_with_the_fix():
+    """A dict-like batch (HF's BatchEncoding is a UserDict) is one opaque leaf to the
+    pytree: refused, naming dict(batch) as the fix, not passed whole."""
+    b = collections.UserDict({"x": torch.zeros(4, 1)})
+    with pytest.raises(TypeError, match=(
+        r"^accumulate: batch is of type UserDict, which cannot be split into 2 micro-batches; pass tensors, "
+        r"numpy arrays, or lists with one item per example \(a mapping: pass dict\(batch\)\)$"
+    )):  # fmt: skip
+        split_batch("accumulate", b, 2)
+    assert [p["x"].shape for p in split_batch("accumulate", dict(b), 2)] == [(2, 1), (2, 1)]
 
 
 def test_lists_alone_give_the_batch_size():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fractions
 import functools
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import optree
@@ -246,9 +247,10 @@ def _kind(api: str, path: tuple[Any, ...], leaf: Any, k: int) -> str:
         return _SEQUENCE
     if isinstance(leaf, _SHARED_TYPES):
         return _SHARED
+    hint = f" (a mapping: pass dict({_where(path)}))" if isinstance(leaf, Mapping) else ""
     raise TypeError(
         f"{api}: {_where(path)} is of type {type(leaf).__name__}, which cannot be split into {k} "
-        "micro-batches; pass tensors, numpy arrays, or lists with one item per example"
+        f"micro-batches; pass tensors, numpy arrays, or lists with one item per example{hint}"
     )
 
 
