@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from xform.core.optim import placeholder_opt_state
+from xform.core.backend import relaid, static
 from xform.core.primitives import Handler, Reducer
 from xform.core.state import TrainState
 from xform.core.strategies import FullyShard, HybridShard
@@ -67,9 +68,9 @@ def _fully_shard_units(module: torch.nn.Module, mesh: Any, strategy: FullyShard,
 def _relaid(state: TrainState) -> TrainState:
     """The state over the module's new (DTensor) parameters; the old state is used up."""
     params = dict(state.module.named_parameters())
-    names = state._spec.trainable
-    opt = {"initialized": False, "state": placeholder_opt_state(state._spec.optimizer, params, names)}
-    return state._relaid("shard's step.init, which laid its params out", params=params, opt_state=opt)
+    names = static(state).trainable
+    opt = {"initialized": False, "state": placeholder_opt_state(static(state).optimizer, params, names)}
+    return relaid(state, "shard's step.init, which laid its params out", params=params, opt_state=opt)
 
 
 class FullyShardLayout:
@@ -133,4 +134,4 @@ class _BackwardReducer(Reducer):
 
     def apply_gradients(self, state, grads, count, next):
         count = self.take_count(count)
-        return next(state, grads, _global_count(count, self.group, self.pieces, state._spec.device))
+        return next(state, grads, _global_count(count, self.group, self.pieces, static(state).device))

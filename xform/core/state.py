@@ -503,7 +503,7 @@ def _nonfinite(grads: list[torch.Tensor], scratch: dict[Any, Any]) -> torch.Tens
 
     torch's fused check (GradScaler's, with a scale of 1): one kernel, a few µs. Its two
     scalars are made once per runtime (``scratch``) and reused."""
-    local = [local_part(g) for g in grads] if grads and hasattr(grads[0], "to_local") else grads
+    local = [local_part(g) for g in grads]  # plain tensors and DTensors alike (a mixed list is fine)
     pair = scratch.get(_NONFINITE)
     if pair is None:
         device = local[0].device if local else torch.device("cpu")

@@ -52,7 +52,10 @@ class FullyShard:
     Attributes:
         reshard_after_forward: free gathered params after forward (re-gather in backward).
         units: a predicate ``module -> bool`` choosing the modules gathered together;
-            default: every module that directly holds parameters.
+            default: every module that directly holds parameters. A unit never splits a
+            tie: a module holding only some of the owners of a tied parameter is not made
+            a unit; the tied tensor is gathered by the lowest chosen unit holding all its
+            owners, or by the root.
         reduce_dtype: dtype of gradient reduce-scatter under mixed precision (fp32).
     """
 
