@@ -199,10 +199,14 @@ def pool():
 
 def _run_on_rank(path, save_at, steps, num_workers, resume):
     """Trains ``steps`` steps from the start (saving at ``save_at``) or from the checkpoint."""
-    if num_workers:  # ProcessPool's ranks are daemons, which may not start workers; a launched rank is not one
+    if num_workers:
         import multiprocessing
 
+        # ProcessPool's ranks are spawned daemons: daemons may not start workers, and a
+        # spawned process spawns its workers too (each one importing torch: ~15 s here).
+        # A rank started by `xform launch` or torchrun is neither, and forks its workers.
         multiprocessing.current_process()._config["daemon"] = False
+        multiprocessing.set_start_method("fork", force=True)
     loader = xf.DataLoader(Stream(noise=True), global_batch_size=GBS, num_workers=num_workers)
     state = make_state()
     if resume:
