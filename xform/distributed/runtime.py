@@ -15,6 +15,8 @@ import attrs
 import torch
 import torch.distributed as dist
 
+from xform.core.group import group_up
+
 __all__ = [
     "DEFAULT_TIMEOUT",
     "DistributedError",
@@ -84,8 +86,7 @@ class Runtime:
 _cache: tuple[Any, Runtime] | None = None
 
 
-def _group_up() -> bool:
-    return dist.is_available() and dist.is_initialized()
+_group_up = group_up  # the one probe of the process group (xform.core.group)
 
 
 def _default_group() -> Any:
