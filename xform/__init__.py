@@ -24,6 +24,7 @@ from xform.core.state import DonatedStateError, TrainState
 from xform.toolbox.tracking import (
     CSVTracker,
     JSONLinesTracker,
+    MLflowTracker,
     TensorBoardTracker,
     Tracker,
     Trackers,
@@ -60,6 +61,7 @@ __all__ = [
     "TrainState",
     "TransformedStep",
     "WandbTracker",
+    "MLflowTracker",
     "ZeRO",
     "accumulate",
     "apply",
