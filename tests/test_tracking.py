@@ -258,9 +258,9 @@ def test_make_tracker_from_names_and_objects(tmp_path):
         t.log({"loss": 1.0}, 0)
     assert (tmp_path / "metrics.jsonl").exists() and (tmp_path / "metrics.csv").exists()
     assert rec.calls[-1] == ("finish",)
-    message = r"make_tracker: unknown tracker 'mlflow'; use one of \['csv', 'jsonl', 'tensorboard', 'wandb'\]"
+    message = r"make_tracker: unknown tracker 'neptune'; use one of \['csv', 'jsonl', 'mlflow', 'tensorboard', 'wandb'\]"
     with pytest.raises(ValueError, match=message):
-        make_tracker("mlflow")
+        make_tracker("neptune")
 
 
 def test_step_is_checked(tmp_path):
@@ -279,8 +279,54 @@ def test_importing_the_toolbox_imports_no_optional_package():
         "import xform, xform.cli, xform.toolbox.tracking, xform.toolbox.progress, xform.toolbox.notebook, xform.toolbox.monitor, "
         "xform.toolbox.profile, xform.toolbox.memory, xform.toolbox.batch_size\n"
         "new = set(sys.modules) - before\n"
-        "print(sorted(m for m in new if m.split('.')[0] in ('wandb', 'tensorboard', 'tqdm') or 'tensorboard' in m))"
+        "print(sorted(m for m in new if m.split('.')[0] in ('wandb', 'tensorboard', 'tqdm', 'mlflow') or 'tensorboard' in m))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
+
+
+def test_mlflow_tracker_logs_a_run_that_mlflow_reads_back(tmp_path):
+    """Params, metrics with their steps, system info and an artifact (a checkpoint's
+    meta.json), read back through MLflow's own client from a local file store."""
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    from xform.toolbox.tracking import MLflowTracker
+
+    # a local store: MLflow 3 refuses its plain-file store (maintenance mode), so SQLite
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    meta = tmp_path / "ckpt" / "meta.json"
+    meta.parent.mkdir()
+    meta.write_text('{"format": "xform-checkpoint-2"}')
+    tracker = MLflowTracker("exp", run_name="r1", tracking_uri=uri, artifact_location=tmp_path / "artifacts")
+    with Trackers(tracker) as trackers:
+        trackers.log_hparams({"lr": 1e-3, "model": {"width": 8}})
+        trackers.log({"loss": torch.tensor(0.5), "acc": 0.25}, step=0)
+        trackers.log({"loss": torch.tensor(0.25)}, step=3)
+        tracker.log_artifact(meta, "checkpoint")
+        run_id = tracker.run_id
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(run_id)
+    assert run.info.run_name == "r1" and run.info.status == "FINISHED"
+    assert client.get_experiment(run.info.experiment_id).name == "exp"
+    assert run.data.params["lr"] == "0.001" and run.data.params["model/width"] == "8"
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == [(0, 0.5), (3, 0.25)]
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "acc")] == [(0, 0.25)]
+    paths = {a.path for a in client.list_artifacts(run_id)} | {a.path for a in client.list_artifacts(run_id, "checkpoint")}
+    assert {"checkpoint/meta.json", "xform_system.json"} <= paths
+    local = client.download_artifacts(run_id, "checkpoint/meta.json", str(tmp_path / "down"))
+    assert json.loads(open(local).read()) == {"format": "xform-checkpoint-2"}
+
+
+def test_mlflow_tracker_off_the_main_process_writes_nothing(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    from xform.toolbox.tracking import MLflowTracker
+
+    monkeypatch.setenv("RANK", "1")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with MLflowTracker("exp", tracking_uri=uri, artifact_location=tmp_path / "artifacts") as tracker:
+        tracker.log_hparams({"lr": 1.0})
+        tracker.log({"loss": 1.0}, step=0)
+        tracker.log_artifact(__file__)
+    assert tracker.active is False and list(tmp_path.iterdir()) == []

@@ -1,8 +1,9 @@
 """Trackers: log hyperparameters and metrics from the main process.
 
 A tracker is anything with ``log_hparams(dict)``, ``log(metrics, step)`` and ``finish()``
-(the ``Tracker`` protocol). xform ships four: ``WandbTracker`` (the ``wandb`` package,
-also offline), ``TensorBoardTracker`` (``torch.utils.tensorboard``, needs the
+(the ``Tracker`` protocol). xform ships five: ``WandbTracker`` (the ``wandb`` package,
+also offline), ``MLflowTracker`` (the ``mlflow`` package, a local store or a tracking
+server), ``TensorBoardTracker`` (``torch.utils.tensorboard``, needs the
 ``tensorboard`` package), ``JSONLinesTracker`` and ``CSVTracker`` (no dependencies).
 ``Trackers`` (or ``make_tracker``) fans one call out to several, your own included.
 
@@ -38,6 +39,7 @@ __all__ = [
     "Tracker",
     "Trackers",
     "WandbTracker",
+    "MLflowTracker",
     "TensorBoardTracker",
     "JSONLinesTracker",
     "CSVTracker",
@@ -449,6 +451,101 @@ class WandbTracker(_BuiltinTracker):
         self.run.finish()
 
 
+class MLflowTracker(_BuiltinTracker):
+    """Logs to MLflow with the ``mlflow`` package, imported at the first call.
+
+    Uses an ``MlflowClient`` of its own (never MLflow's global active run), so several
+    trackers and your own MLflow code do not interfere. Hyperparameters become the run's
+    params (nested dicts flattened to ``a/b`` names; MLflow params cannot change
+    once logged), metrics are logged with their steps in one ``log_batch`` call per ``log``,
+    system info is the artifact ``xform_system.json``, and ``log_artifact`` adds files
+    (a checkpoint's ``meta.json``, say). ``finish`` ends the run as FINISHED.
+
+    Args:
+        experiment: the experiment's name, created if missing (default ``"Default"``).
+        run_name: the run's name.
+        tracking_uri: where runs go: a local database (``"sqlite:////abs/path/mlflow.db"``;
+            MLflow 3 keeps its plain-file store ``"file:///path/mlruns"`` behind
+            ``MLFLOW_ALLOW_FILE_STORE=true``) or a server (``"http://host:5000"``);
+            default: ``MLFLOW_TRACKING_URI`` or MLflow's own default.
+        artifact_location: where a new experiment keeps its artifacts (a folder or
+            URI); default: MLflow's (``./mlartifacts`` for a local database).
+        tags: the run's tags.
+        main_process_only: log only from the main process (see the module docs).
+
+    Example:
+        >>> import tempfile, pathlib, xform as xf                       # doctest: +SKIP
+        >>> uri = pathlib.Path(tempfile.mkdtemp()).as_uri()
+        >>> with xf.Trackers(xf.MLflowTracker("demo", tracking_uri=uri)) as tracker:
+        ...     tracker.log_hparams({"lr": 1e-3})
+        ...     tracker.log({"loss": 0.7}, step=0)
+    """
+
+    _api = "MLflowTracker"
+
+    def __init__(
+        self,
+        experiment: str | None = None,
+        *,
+        run_name: str | None = None,
+        tracking_uri: str | os.PathLike | None = None,
+        tags: Mapping[str, Any] | None = None,
+        artifact_location: str | os.PathLike | None = None,
+        main_process_only: bool = True,
+    ):
+        _require(self._api, "mlflow", "mlflow")
+        if experiment is not None and not isinstance(experiment, str):
+            raise TypeError(f"MLflowTracker: experiment must be a str, got {type(experiment).__name__}")
+        super().__init__(main_process_only=main_process_only)
+        self._experiment = experiment or "Default"
+        self._run_name = run_name
+        self._uri = None if tracking_uri is None else str(tracking_uri)
+        self._tags = {str(k): str(v) for k, v in (tags or {}).items()}
+        self._artifacts = None
+        if artifact_location is not None:
+            self._artifacts = Path(artifact_location).resolve().as_uri() if "://" not in str(artifact_location) else str(artifact_location)
+        self.client: Any = None
+        self.run_id: str | None = None
+
+    def _open(self) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=self._uri)
+        found = self.client.get_experiment_by_name(self._experiment)
+        if found is not None:
+            experiment_id = found.experiment_id
+        else:
+            experiment_id = self.client.create_experiment(self._experiment, artifact_location=self._artifacts)
+        run = self.client.create_run(experiment_id, run_name=self._run_name, tags=self._tags)
+        self.run_id = run.info.run_id
+
+    def _write_system(self, info: dict[str, Any]) -> None:
+        self.client.log_dict(self.run_id, info, "xform_system.json")
+
+    def _write_hparams(self, hparams: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        self.client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in hparams.items()])
+
+    def _write_metrics(self, metrics: dict[str, Any], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        """Copies the file or folder ``path`` into the run's artifacts (under
+        ``artifact_path``); from the main process only, like every call."""
+        if not Path(path).exists():
+            raise FileNotFoundError(f"MLflowTracker.log_artifact: {str(path)!r} does not exist; pass a file or folder")
+        if self._ready():
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def _close(self) -> None:
+        if self.run_id is not None:  # None: opening the run failed
+            self.client.set_terminated(self.run_id, "FINISHED")
+
+
 # --- several trackers as one ----------------------------------------------------------------
 
 
@@ -541,6 +638,9 @@ _BY_NAME: dict[str, Callable[[Path, str | None], Tracker]] = {
     "csv": lambda d, project: CSVTracker(d / "metrics.csv"),
     "tensorboard": lambda d, project: TensorBoardTracker(d),
     "wandb": lambda d, project: WandbTracker(project, dir=d),
+    "mlflow": lambda d, project: MLflowTracker(
+        project, tracking_uri=f"sqlite:///{Path(d).resolve() / 'mlflow.db'}", artifact_location=Path(d) / "mlartifacts"
+    ),
 }
 
 
@@ -550,10 +650,12 @@ def make_tracker(
     project: str | None = None,
     every: int = 1,
 ) -> Trackers:
-    """``Trackers`` from names (``"jsonl"``, ``"csv"``, ``"tensorboard"``, ``"wandb"``) and objects.
+    """``Trackers`` from names (``"jsonl"``, ``"csv"``, ``"tensorboard"``, ``"wandb"``, ``"mlflow"``) and objects.
 
     Named trackers write under ``log_dir`` (``metrics.jsonl``, ``metrics.csv``, the
-    TensorBoard events, wandb's folder); ``project`` is the wandb project. Objects are
+    TensorBoard events, wandb's folder, MLflow's ``mlflow.db`` and ``mlartifacts``);
+    ``project`` is the wandb project
+    and the MLflow experiment. Objects are
     used as they are: anything with the ``Tracker`` methods.
 
     Example:
