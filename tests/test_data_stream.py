@@ -236,3 +236,71 @@ def test_two_processes_resume_with_exactly_the_next_global_batches(pool, tmp_pat
     q0, q1 = pool.run(_run_on_rank, path, 3, 9, num_workers, True)
     assert [c for c, _, _ in q0] == [3, 4, 5, 6, 7, 8]
     assert q0 == r0[3:] and q1 == r1[3:]
+
+
+# --- dispatch=True: rank 0 reads, the ranks get their slices -----------------------------------
+
+
+class OnlyRank0(Stream):
+    """A stream only rank 0 can read (a dataset that cannot be split by rank)."""
+
+    def __iter__(self):
+        if torch.distributed.get_rank() != 0:
+            raise RuntimeError("dispatch=True read the dataset on a rank other than 0")
+        return super().__iter__()
+
+
+class Noisy(torch.utils.data.Dataset):
+    def __len__(self):
+        return N
+
+    def __getitem__(self, i):
+        if torch.distributed.get_rank() != 0:
+            raise RuntimeError("dispatch=True read the dataset on a rank other than 0")
+        return torch.tensor(float(i)) + torch.rand(())
+
+
+def _dispatch_on_rank(kind, num_workers):
+    """``dispatch=True`` batches from the start and after a resume at 3, and the batches
+    the same rank gets without dispatch (reading the dataset itself)."""
+    if num_workers:
+        import multiprocessing
+
+        multiprocessing.current_process()._config["daemon"] = False
+        multiprocessing.set_start_method("fork", force=True)
+    make = {"stream": lambda: OnlyRank0(noise=True), "map": Noisy}[kind]
+    kw = dict(global_batch_size=GBS, num_workers=num_workers)
+    loader = xf.DataLoader(make(), dispatch=True, **kw)
+    full = [(b.tolist(), loader.padding()) for b in itertools.islice(loader.iterate(STATE, epochs=None), 8)]
+    resumed = [b.tolist() for b in itertools.islice(loader.iterate(at(STATE, 3), epochs=None), 5)]
+    return full, resumed
+
+
+@pytest.mark.parametrize("kind, num_workers", [("stream", 0), ("map", 2)])
+def test_dispatch_gives_every_rank_its_slice_read_on_rank_0(pool, kind, num_workers):
+    """dispatch=True: only rank 0 reads (the dataset raises elsewhere), and each rank gets
+    exactly the slice it would have read itself: merged in rank order, the single-process
+    global batches (random augmentations included); resumed, exactly the next ones."""
+    (f0, r0), (f1, r1) = pool.run(_dispatch_on_rank, kind, num_workers)
+    if kind == "stream":
+        single = take(xf.DataLoader(Stream(noise=True), batch_size=GBS), STATE, 8)
+        merged = [(a + b)[: len(a) * 2 - pad] for (a, pad), (b, _) in zip(f0, f1)]
+        assert merged == single
+    else:  # the per-rank slices of a non-dispatching loader given rank=/world_size=
+        for r, got in ((0, f0), (1, f1)):
+            plain = xf.DataLoader(NoisyAnywhere(), global_batch_size=GBS, rank=r, world_size=2)
+            assert [b for b, _ in got] == take(plain, STATE, 8)
+    assert r0 == [b for b, _ in f0[3:]] and r1 == [b for b, _ in f1[3:]]
+
+
+class NoisyAnywhere(Noisy):
+    def __getitem__(self, i):
+        return torch.tensor(float(i)) + torch.rand(())
+
+
+def test_dispatch_on_one_process_is_the_plain_loader():
+    assert take(xf.DataLoader(Stream(), batch_size=4, dispatch=True), STATE, 7) == take(
+        xf.DataLoader(Stream(), batch_size=4), STATE, 7
+    )
+    with pytest.raises(TypeError, match=r"xf.DataLoader: dispatch must be a bool, got 'yes'"):
+        xf.DataLoader(Stream(), batch_size=4, dispatch="yes")

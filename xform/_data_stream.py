@@ -100,7 +100,9 @@ class StreamReader(torch.utils.data.IterableDataset):
         start: int,
         epochs: int | None,
         collate_fn: Callable[[list[Any]], Any],
+        all_ranks: bool = False,
     ):
+        self.all_ranks = all_ranks  # dispatch: every rank's slice, as a list in rank order
         self.dataset, self.batch_size, self.rank, self.world_size = dataset, batch_size, rank, world_size
         self.drop_last, self.seed, self.start, self.epochs, self.collate_fn = drop_last, seed, start, epochs, collate_fn
 
@@ -136,8 +138,12 @@ class StreamReader(torch.utils.data.IterableDataset):
                     if (index - self.start) % n == w:
                         per, pad = layout(len(chunk), self.batch_size, self.world_size)
                         padded = chunk + [head[i % len(head)] for i in range(pad)]
-                        mine = padded[self.rank * per : (self.rank + 1) * per]
-                        yield index, epoch, per, pad, self.collate_fn(mine)
+                        if self.all_ranks:
+                            slices = [self.collate_fn(padded[r * per : (r + 1) * per]) for r in range(self.world_size)]
+                            yield index, epoch, per, pad, slices
+                        else:
+                            mine = padded[self.rank * per : (self.rank + 1) * per]
+                            yield index, epoch, per, pad, self.collate_fn(mine)
                 index += 1
                 if len(chunk) < G:
                     break
@@ -165,3 +171,26 @@ def count(dataset: Any, global_batch_size: int, drop_last: bool, seed: int, cons
 
 def identity(x: Any) -> Any:
     return x
+
+
+def dispatch(source: Iterator[tuple[int, int, int, list[Any]]] | None, world_size: int) -> Iterator[tuple[int, int, int, Any]]:
+    """``dispatch=True``: rank 0 iterates ``source`` (``(index, per, pad, slices in rank
+    order)``) and scatters each rank its slice; the other ranks pass ``None`` and receive.
+    A ``None`` after the last batch ends every rank's iteration at the same step."""
+    import torch.distributed as dist
+
+    from xform.distributed.collectives import _comm
+    from xform.distributed.runtime import runtime
+
+    rt = runtime()
+    api = "xf.DataLoader.iterate (dispatch=True)"
+    while True:
+        box: list[Any] = [None]
+        if source is not None:
+            item = next(source, None)
+            out = [None] * world_size if item is None else [(*item[:3], s) for s in item[3]]
+        with _comm(api, rt):
+            dist.scatter_object_list(box, out if source is not None else None, src=0)
+        if box[0] is None:
+            return
+        yield box[0]

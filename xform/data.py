@@ -153,7 +153,7 @@ class PadCollate:
 
 
 class DataLoader:
-    """Batches of a map-style dataset, split across processes, resumable from a ``TrainState``.
+    """Batches of a map-style or iterable dataset, split across processes, resumable from a ``TrainState``.
 
     The position is ``state.data``: the shuffle seed and the number of *global* batches
     consumed, which ``apply_gradients`` advances by one per update attempt (one per
@@ -187,14 +187,30 @@ class DataLoader:
     the repeats take part in that last step; ``drop_last=True`` keeps every step equal to
     the single-process step on the same global batch.
 
+    An ``IterableDataset`` (a stream of files, a Hugging Face streaming dataset) is one
+    global stream per epoch, read in its own order (``shuffle`` must stay off; shuffle in
+    the dataset, whose ``set_epoch(e)`` the loader calls): global batch ``i`` is its next
+    ``G`` examples, cut into rank slices as above. Every reader (process, or worker
+    process) reads the stream whole and keeps its own slices, so ranks and workers never
+    overlap. A resumed loader reads and drops the consumed batches (count and skip;
+    ``resume_method`` says which method a dataset gets), so the position still counts
+    global batches and resumes on any number of processes. ``len``, ``order``,
+    ``indices`` and ``attach(reslice=True)`` need a map-style dataset.
+
+    ``dispatch=True`` is for datasets that cannot be split by rank (one reader, one
+    connection): only rank 0 reads; it scatters each rank the very slice that rank would
+    have read itself (same order, same seeds), one message per step.
+
     Args:
-        dataset: a map-style dataset (``__len__`` and ``__getitem__``).
+        dataset: a map-style dataset (``__len__`` and ``__getitem__``) or a
+            ``torch.utils.data.IterableDataset``.
         batch_size: examples per batch on each process. With ``world_size`` processes the
             global batch is ``batch_size * world_size``.
         global_batch_size: the alternative to ``batch_size``: examples per global batch,
             a multiple of ``world_size``; each process gets ``global_batch_size //
             world_size``.
-        shuffle: draw a new order every epoch.
+        shuffle: draw a new order every epoch (default: on for a map-style dataset, off,
+            and only off, for an iterable one).
         seed: the shuffle seed; ``None`` takes ``state.data["seed"]`` (the seed given to
             ``TrainState.create``).
         drop_last: drop the last, incomplete global batch.
@@ -205,6 +221,8 @@ class DataLoader:
             back afterwards, so loading leaves the process's own randomness untouched.
         rank, world_size: this process's slice; by default ``xf.distributed.rank()`` and
             ``xf.distributed.world_size()`` (0 and 1 without a process group).
+        dispatch: rank 0 reads every global batch and scatters the slices (needs the
+            process group; ``rank``/``world_size`` left unset).
 
     Example:
         >>> import torch, xform as xf
@@ -231,6 +249,7 @@ class DataLoader:
         pin_memory: bool = False,
         rank: int | None = None,
         world_size: int | None = None,
+        dispatch: bool = False,
     ):
         iterable = isinstance(dataset, torch.utils.data.IterableDataset)
         if not iterable and (not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__")):
@@ -244,6 +263,8 @@ class DataLoader:
                 "own order (shuffle it in the dataset, e.g. a Hugging Face dataset's .shuffle(seed=..., "
                 "buffer_size=...), whose set_epoch the loader calls each epoch)"
             )
+        if not isinstance(dispatch, bool):
+            raise TypeError(f"xf.DataLoader: dispatch must be a bool, got {dispatch!r}")
         if (batch_size is None) == (global_batch_size is None):
             raise TypeError(
                 "xf.DataLoader: pass exactly one of batch_size= (examples per process) and "
@@ -283,6 +304,7 @@ class DataLoader:
         self.pin_memory = pin_memory
         self.rank = rank
         self.world_size = world_size
+        self.dispatch = dispatch
         self._served: int | None = None  # global index of the batch iterate() yielded last
         if not iterable and len(self) == 0:
             raise ValueError(
@@ -463,6 +485,9 @@ class DataLoader:
         self._check(state, "xf.DataLoader.iterate")
         seed = state.data["seed"] if self.seed is None else self.seed
         index = state.data["consumed"]
+        if self.dispatch and self.world_size > 1:
+            yield from self._dispatched(seed, index, epochs)
+            return
         if self._iterable:
             yield from self._stream_batches(seed, index, epochs)
             return
@@ -485,29 +510,80 @@ class DataLoader:
         if self._iterable:
             raise TypeError(f"{api}: this loader reads an IterableDataset, which has no indices; it needs a map-style dataset")
 
-    def _stream_batches(self, seed: int, start: int, epochs: int | None) -> Iterator[Any]:
+    def _stream_reader(self, seed: int, start: int, epochs: int | None, all_ranks: bool = False) -> Iterator[Any]:
         reader = _stream.StreamReader(
             self.dataset, batch_size=self.batch_size, rank=self.rank, world_size=self.world_size,
             drop_last=self.drop_last, seed=seed, start=start, epochs=epochs,
-            collate_fn=self.collate_fn or torch.utils.data.default_collate,
+            collate_fn=self.collate_fn or torch.utils.data.default_collate, all_ranks=all_ranks,
         )
         loader = torch.utils.data.DataLoader(
-            reader, batch_size=None, num_workers=self.num_workers, collate_fn=_stream.identity, pin_memory=self.pin_memory,
+            reader, batch_size=None, num_workers=self.num_workers, collate_fn=_stream.identity,
+            pin_memory=self.pin_memory and not all_ranks,
             generator=torch.Generator().manual_seed(_mix(seed, start, self.rank)),  # not the global one
         )
         for index, _, per, pad, batch in loader:
+            yield index, per, pad, batch
+
+    def _serve(self, batches: Iterator[tuple[int, int, int, Any]]) -> Iterator[Any]:
+        for index, per, pad, batch in batches:
             self._layouts[index] = (per, pad)
             self._layouts.pop(index - _KEPT, None)
             self._served = index
             yield batch
 
-    def _slice(self, order: torch.Tensor, b: int) -> _Batch:
+    def _stream_batches(self, seed: int, start: int, epochs: int | None) -> Iterator[Any]:
+        yield from self._serve(self._stream_reader(seed, start, epochs))
+
+    def _dispatched(self, seed: int, start: int, epochs: int | None) -> Iterator[Any]:
+        rt = _runtime()
+        if (rt.rank, rt.world_size) != (self.rank, self.world_size):
+            raise ValueError(
+                f"xf.DataLoader.iterate: dispatch=True scatters over the process group, which has rank "
+                f"{rt.rank} of {rt.world_size}, but this loader was given rank={self.rank}, "
+                f"world_size={self.world_size}; leave rank= and world_size= unset"
+            )
+        source = None
+        if self.rank == 0:
+            if self._iterable:
+                source = self._stream_reader(seed, start, epochs, all_ranks=True)
+            else:
+                source = self._map_all_ranks(seed, start, epochs)
+        yield from self._serve(_stream.dispatch(source, self.world_size))
+
+    def _map_all_ranks(self, seed: int, start: int, epochs: int | None) -> Iterator[tuple[int, int, int, list[Any]]]:
+        """Rank 0's side of dispatch for a map-style dataset: every rank's slice of each
+        global batch, fetched with that rank's seeds, so each gets what it would read."""
+        epoch, b0 = divmod(start, len(self))
+        last = None if epochs is None else epoch + epochs
+        index = start
+        while last is None or epoch < last:
+            order = self.order(seed, epoch)
+            slices = [self._slice(order, b, r) for b in range(b0, len(self)) for r in range(self.world_size)]
+            if not slices:
+                epoch, b0 = epoch + 1, 0
+                continue
+            for k, s in enumerate(slices):
+                b, r = divmod(k, self.world_size)
+                s.seed = _mix(seed, epoch, b0 + b, r)
+            loader = torch.utils.data.DataLoader(
+                _SeededFetch(self.dataset), batch_sampler=slices, num_workers=self.num_workers,
+                collate_fn=self.collate_fn, generator=torch.Generator().manual_seed(_mix(seed, epoch, b0)),
+            )
+            it = iter(loader)
+            for _ in range(b0, len(self)):
+                per, pad = self.layout(index)
+                yield index, per, pad, [next(it) for _ in range(self.world_size)]
+                index += 1
+            epoch, b0 = epoch + 1, 0
+
+    def _slice(self, order: torch.Tensor, b: int, rank: int | None = None) -> _Batch:
         gbs = self.global_batch_size
+        rank = self.rank if rank is None else rank
         chunk = order[b * gbs : (b + 1) * gbs]
         per, pad = self.layout(b)
         if pad:  # wrap around to the start of the epoch's order (cyclically, for tiny data)
             chunk = torch.cat([chunk, order[torch.arange(pad) % len(order)]])
-        return _Batch(chunk[self.rank * per : (self.rank + 1) * per].tolist())
+        return _Batch(chunk[rank * per : (rank + 1) * per].tolist())
 
     def _epoch(self, seed: int, epoch: int, start: int) -> Iterator[Any]:
         order = self.order(seed, epoch)
