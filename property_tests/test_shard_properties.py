@@ -35,7 +35,7 @@ def pools():
 
     yield get
     for p in opened.values():
-        p.close()
+        p.close(force=True)  # kill: a graceful shutdown costs seconds and checks nothing
 
 
 def cases(strategies: list[str], worlds: list[int], even: bool = False):

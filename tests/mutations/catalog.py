@@ -1,0 +1,193 @@
+"""Realistic bugs the suite must catch, each a small textual patch of one source file.
+
+``tests/test_mutations.py`` applies each mutation to a copy of the repository, runs its
+``tests`` there and passes only if they fail (the mutation is killed). ``find`` must
+occur exactly once in ``path``: when the code moves, the check fails loudly and the
+entry here must be updated, so the list stays true.
+
+Keep ``find`` short and on a stable line. ``tests`` are pytest node ids, relative to the
+repository root; keep the selection small and the fast killer first (pytest runs with
+``-x``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutation:
+    name: str
+    path: str  # relative to the repository root
+    find: str  # must occur exactly once in path
+    replace: str
+    tests: tuple[str, ...]
+    bug: str  # what a user would see
+
+
+SHARD = "property_tests/test_shard_properties.py"
+RESUME = "property_tests/test_resume_properties.py"
+ACC = "property_tests/test_accumulate_properties.py"
+MP = "property_tests/test_mixed_precision_properties.py"
+PURITY = "property_tests/test_purity_properties.py"
+
+MUTATIONS: tuple[Mutation, ...] = (
+    Mutation(
+        name="zero2_reduce_scatters_only_the_first_bucket",
+        path="backends/torch_native/data_parallel.py",
+        find="            if self.scattered[i]:\n                self.works[i] = _reduce_scatter(",
+        replace="            if self.scattered[i] and i == 0:\n                self.works[i] = _reduce_scatter(",
+        tests=(f"{SHARD}::test_sgd_mean_loss_in_many_buckets_equals_single_process[zero2]",),
+        bug="zero2: buckets after the first are all-reduced into the send buffer and never "
+        "reduce-scattered; their gradient rows are garbage",
+    ),
+    Mutation(
+        name="zero1_all_gathers_only_the_first_bucket",
+        path="backends/torch_native/data_parallel.py",
+        find="for entries, size in zip(plan.buckets, plan.ssizes):",
+        replace="for entries, size in zip(plan.buckets[:1], plan.ssizes):",
+        tests=(f"{SHARD}::test_sgd_mean_loss_in_many_buckets_equals_single_process[zero1]",),
+        bug="zero1/zero2: the updated rows of buckets after the first never reach the other processes",
+    ),
+    Mutation(
+        name="replicate_counts_every_gradient_into_the_first_bucket",
+        path="backends/torch_native/data_parallel.py",
+        find="self.filled[e.bucket] += 1",
+        replace="self.filled[0] += 1",
+        tests=(f"{SHARD}::test_sgd_mean_loss_in_many_buckets_equals_single_process[replicate]",),
+        bug="replicate: a gradient is counted into the wrong bucket, so buckets after the first "
+        "are never sent",
+    ),
+    Mutation(
+        name="gradient_sum_not_divided_by_world_size",
+        path="backends/torch_native/common.py",
+        find="return count * world",
+        replace="return count",
+        tests=(f"{SHARD}::test_sgd_mean_loss_in_many_buckets_equals_single_process[replicate]",),
+        bug="shard: a plain mean loss's gradients are summed over the processes, not averaged "
+        "(N times too large; AdamW and clipping hide it)",
+    ),
+    Mutation(
+        name="item_count_not_summed_over_processes",
+        path="backends/torch_native/common.py",
+        find="        dist.all_reduce(t, group=group)\n",
+        replace="",
+        tests=(f"{SHARD}::test_masked_loss_in_many_buckets_equals_single_process[replicate]",),
+        bug="shard: an xf.Mean loss is divided by this process's item count, not the global one",
+    ),
+    Mutation(
+        name="zero_clip_norm_of_local_rows_only",
+        path="xform/transforms/shard.py",
+        find="self.squares = status[3] if squares is not None else None",
+        replace="self.squares = squares",
+        tests=(f"{SHARD}::test_clipped_sgd_equals_single_process[zero2]",),
+        bug="zero1/zero2: gradient clipping uses the norm of this process's rows, not the whole gradient's",
+    ),
+    Mutation(
+        name="load_keeps_likes_rng_key",
+        path="xform/checkpoint.py",
+        find='leaves[p] = saved[p]["value"]',
+        replace='leaves[p] = ref if p == "rng" else saved[p]["value"]',
+        tests=(f"{RESUME}::test_resume_in_process_equals_the_uninterrupted_run",),
+        bug="xf.load: the RNG key comes from `like`, not from the checkpoint (dropout masks "
+        "after a resume differ from the uninterrupted run's)",
+    ),
+    Mutation(
+        name="loader_ignores_its_position",
+        path="xform/data.py",
+        find='index = state.data["consumed"]',
+        replace="index = 0",
+        tests=(f"{RESUME}::test_resume_in_process_equals_the_uninterrupted_run",),
+        bug="DataLoader.iterate: a resumed run starts the epoch again instead of at the saved position",
+    ),
+    Mutation(
+        name="accumulate_skips_micro_batches_after_the_first",
+        path="xform/transforms/accumulate.py",
+        find="torch._foreach_add_(self.grads, [grads[k] for k in self.names])",
+        replace="pass",
+        tests=(f"{ACC}::test_accumulate_equals_the_full_batch_step",),
+        bug="accumulate: only the first micro-batch's gradients reach the update",
+    ),
+    Mutation(
+        name="plain_mean_loss_not_divided_by_the_number_of_pieces",
+        path="xform/core/primitives.py",
+        find="return mean.total if pieces == 1 else mean.total / pieces",
+        replace="return mean.total",
+        tests=(f"{ACC}::test_accumulate_with_sgd_equals_the_full_batch_step",),
+        bug="accumulate/shard: a plain mean loss is summed over micro-batches, k times too large "
+        "a gradient (AdamW hides it)",
+    ),
+    Mutation(
+        name="micro_batch_metrics_summed_not_averaged",
+        path="xform/transforms/accumulate.py",
+        find="return total / len(xs) if x.is_floating_point()",
+        replace="return total if x.is_floating_point()",
+        tests=(f"{ACC}::test_accumulate_equals_the_full_batch_step",),
+        bug="accumulate: the reported loss is the sum of the micro-batch losses",
+    ),
+    Mutation(
+        name="dropout_stream_not_salted_per_micro_batch",
+        path="xform/transforms/accumulate.py",
+        find="with rng_salt(i):",
+        replace="with rng_salt():",
+        tests=(f"{PURITY}::test_each_micro_batch_draws_its_own_dropout_mask",),
+        bug="accumulate: every micro-batch draws the same dropout mask",
+    ),
+    Mutation(
+        name="loss_scale_never_grows",
+        path="xform/transforms/mixed_precision.py",
+        find="torch.where(grow, scale * self.factor, scale)",
+        replace="scale",
+        tests=(f"{MP}::test_fp16_dynamic_loss_scale_follows_its_definition",),
+        bug="DynamicLossScale: the scale only ever shrinks, so fp16 gradients lose precision",
+    ),
+    Mutation(
+        name="loss_scale_never_shrinks",
+        path="xform/transforms/mixed_precision.py",
+        find="torch.clamp(scale / self.factor, min=self.min_scale)",
+        replace="scale",
+        tests=(f"{MP}::test_fp16_dynamic_loss_scale_follows_its_definition",),
+        bug="DynamicLossScale: an overflow does not lower the scale, so every later update is skipped",
+    ),
+    Mutation(
+        name="data_ranks_share_one_slice",
+        path="xform/data.py",
+        find="chunk[rank * per : (rank + 1) * per]",
+        replace="chunk[:per]",
+        tests=("tests/test_data_dist.py::test_ranks_get_disjoint_slices_whose_union_is_the_single_process_batch",),
+        bug="DataLoader: every process gets the first slice of the global batch",
+    ),
+    # --- bugs fixed by the numerics, ties and checkpoint work (issue 8), kept fixed ---------
+    Mutation(
+        name="nonfinite_update_not_skipped",
+        path="xform/core/state.py",
+        find="if sharded is not None else not bool(bad)",
+        replace="if sharded is not None else True",
+        tests=("tests/test_nonfinite.py::test_a_nan_loss_is_skipped_in_every_precision",),
+        bug="apply_gradients: a NaN gradient reaches the params (every param NaN for good)",
+    ),
+    Mutation(
+        name="nonfinite_flag_not_agreed_across_processes",
+        path="xform/transforms/shard.py",
+        find="status[0].copy_(bad)",
+        replace="status[0].zero_()",
+        tests=("tests/test_fp16_sharded.py::test_fp32_nan_on_one_rank_is_skipped_by_all_and_equals_one_process[zero2]",),
+        bug="shard: a NaN in one process's gradient rows is not shared, so every process updates with it",
+    ),
+    Mutation(
+        name="fsdp_unit_splits_a_tie",
+        path="backends/torch_native/fully_shard.py",
+        find="return any(0 < sum(_inside(o, unit) for o in tie) < len(tie) for tie in tied)",
+        replace="return False",
+        tests=("tests/test_tied.py::test_tied_weights_under_every_strategy_equal_the_single_process_step[zero3-None]",),
+        bug="zero3: each module holding a tied weight becomes its own FSDP unit (GPT-2 crashed with KeyError 'lm_head.weight')",
+    ),
+    Mutation(
+        name="checkpoint_checksum_not_verified",
+        path="xform/checkpoint.py",
+        find="if sums is not None and (got := _crc_tensor(src)) != sums[p]:",
+        replace="if False and (got := _crc_tensor(src)) != sums[p]:",
+        tests=("tests/test_checkpoint.py::test_a_flipped_bit_in_the_tensor_file_is_detected_and_named",),
+        bug="xf.load: a corrupted tensor file loads silently with wrong values",
+    ),
+)
