@@ -154,3 +154,24 @@ def test_two_processes_split_and_resume_exactly(pool, tmp_path, kind, num_worker
     merged = [(a + b)[: len(a) * 2 - pad] for (a, _, pad), (b, _, _) in zip(f0, f1)]
     assert merged == single
     assert r0 == f0[3:] and r1 == f1[3:]
+
+
+def test_a_shuffled_streaming_dataset_resumes_exactly_across_epochs():
+    """A buffer-shuffled stream reshuffles each epoch through ``set_epoch``; every reader
+    (the main process, each worker) calls it alike, so a resume continues exactly."""
+    shuffled = lambda: streaming().shuffle(seed=3, buffer_size=8)  # noqa: E731
+    loader = xf.DataLoader(shuffled(), batch_size=4, collate_fn=COLLATE)
+    full = take(loader, STATE, 12)
+    assert full[:6] != full[6:12] and sorted(sum(full[:6], [])) == list(range(N))
+    assert take(loader, at(STATE, 7), 5) == full[7:]
+    assert take(xf.DataLoader(shuffled(), batch_size=4, collate_fn=COLLATE, num_workers=2), at(STATE, 5), 4) == full[5:9]
+
+
+def test_a_dataset_split_by_node_is_refused():
+    """``datasets.distributed.split_dataset_by_node`` gives each rank part of the stream;
+    the loader would then cut each part again and drop examples."""
+    from datasets.distributed import split_dataset_by_node
+
+    part = split_dataset_by_node(streaming(), rank=0, world_size=2)
+    with pytest.raises(ValueError, match=r"xf.DataLoader: this Hugging Face IterableDataset is already split by node \(split_dataset_by_node\); pass the whole dataset: xf.DataLoader splits it over the ranks itself"):
+        xf.DataLoader(part, batch_size=4)

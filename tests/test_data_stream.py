@@ -129,6 +129,17 @@ def test_ranks_get_disjoint_slices_whose_union_is_the_single_process_batch(world
         assert take(loader, at(STATE, 7), 5) == batches[7:]
 
 
+def test_a_position_resumes_on_another_number_of_processes():
+    """The position counts global batches of one stream, so a checkpoint of 2 ranks
+    (global batch 6) resumes on 3 ranks or 1 with exactly the next global batches."""
+    single = take(xf.DataLoader(Stream(noise=True), batch_size=6), STATE, 9)
+    for world in (1, 2, 3):
+        ranks = [xf.DataLoader(Stream(noise=True), global_batch_size=6, rank=r, world_size=world) for r in range(world)]
+        per_rank = [take(loader, at(STATE, 4), 5) for loader in ranks]
+        merged = [sum(slices, []) for slices in zip(*per_rank)]
+        assert [m[: len(s)] for m, s in zip(merged, single[4:])] == single[4:], f"world_size={world}"
+
+
 @pytest.mark.parametrize("noise", [False, True], ids=["plain", "augmented"])
 def test_workers_give_the_batches_of_the_main_process_and_resume_exactly(noise):
     """Catches a worker re-reading what another worker served (each batch twice, or in

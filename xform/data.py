@@ -160,6 +160,11 @@ class DataLoader:
                 "xf.DataLoader: dataset must be map-style (__len__ and __getitem__) or a "
                 f"torch.utils.data.IterableDataset, got {type(dataset).__name__}"
             )
+        if iterable and getattr(dataset, "_distributed", None) is not None and type(dataset).__module__.startswith("datasets."):
+            raise ValueError(
+                "xf.DataLoader: this Hugging Face IterableDataset is already split by node "
+                "(split_dataset_by_node); pass the whole dataset: xf.DataLoader splits it over the ranks itself"
+            )
         if iterable and shuffle:
             raise ValueError(
                 "xf.DataLoader: shuffle=True needs a map-style dataset; an IterableDataset is read in its "
