@@ -130,14 +130,18 @@ _COLLECTIVES = ["all_reduce", "reduce_scatter_tensor", "all_gather_into_tensor",
 @contextlib.contextmanager
 def counting_collectives() -> Iterator[dict[str, int]]:
     """Counts the ``torch.distributed`` collectives called inside, by name (the backend
-    looks them up at each call)."""
+    looks them up at each call). Collectives of float64 scalars (item counts, the
+    finiteness flag, the clipping norm) count under ``NAME:f64``, apart from those that
+    carry gradient or parameter buckets."""
     counts: dict[str, int] = {}
     names = [n for n in _COLLECTIVES if hasattr(dist, n)]
     originals = {n: getattr(dist, n) for n in names}
 
     def counting(name, fn):
         def wrapper(*a, **kw):
-            counts[name] = counts.get(name, 0) + 1
+            t = a[0] if a else next(iter(kw.values()), None)
+            key = f"{name}:f64" if getattr(t, "dtype", None) == torch.float64 else name
+            counts[key] = counts.get(key, 0) + 1
             return fn(*a, **kw)
         return wrapper
 
