@@ -190,4 +190,15 @@ MUTATIONS: tuple[Mutation, ...] = (
         tests=("tests/test_checkpoint.py::test_a_flipped_bit_in_the_tensor_file_is_detected_and_named",),
         bug="xf.load: a corrupted tensor file loads silently with wrong values",
     ),
+    Mutation(
+        name="zero_update_does_not_call_next",
+        path="xform/transforms/shard.py",
+        find="        with sharded_update(self):\n            return next(state, grads)",
+        replace="        if self.zero is not None:\n"
+        "            return state.successor(updated=True, opt_state=self.zero.optimizer_update(state, grads, None))\n"
+        "        with sharded_update(self):\n            return next(state, grads)",
+        tests=("tests/test_fp16_sharded.py::test_fp16_overflow_on_one_rank_is_skipped_by_all_and_equals_one_process[zero2]",),
+        bug="mixed_precision(shard(f, 'zero2'), 'fp16'): shard runs the optimizer itself, so the loss "
+        "scale's unscale and skip never run (weights off by the scale after one step)",
+    ),
 )
