@@ -57,7 +57,7 @@ def test_a_non_callable_step_is_refused():
 def test_one_step_is_the_identity_and_wrapping_keeps_the_name():
     assert xf.accumulate(step, 1) is step
     wrapped = xf.accumulate(step, 4)
-    assert wrapped.__name__ == "step" and wrapped.steps == 4 and wrapped.__wrapped__ is step
+    assert wrapped.__name__ == "step" and wrapped.xform.setting("accumulate", "steps") == 4 and wrapped.__wrapped__ is step
 
 
 def test_equals_the_full_batch_step():

@@ -45,9 +45,9 @@ def test_a_corrupt_launch_environment_is_a_clear_error(monkeypatch):
 
 def test_configure_applies_the_transforms_in_order():
     configured = xf.configure(step, LaunchConfig(precision="fp16", accumulation_steps=2, strategy="zero3"))
-    assert configured.xform_transforms == ("mixed_precision", "accumulate", "shard")
-    assert configured.strategy == xf.FullyShard()
-    assert xf.configure(step, LaunchConfig()).xform_transforms == ("shard",)
+    assert configured.xform.names == ("mixed_precision", "accumulate", "shard")
+    assert configured.xform.setting("shard", "strategy") == xf.FullyShard()
+    assert xf.configure(step, LaunchConfig()).xform.names == ("shard",)
 
 
 def test_configured_step_on_one_process_equals_the_same_transforms_by_hand():
@@ -76,8 +76,10 @@ SCRIPT = textwrap.dedent(
     torch.manual_seed(0)
     state = s.init(xf.TrainState.create(torch.nn.Linear(4, 4), optimizer=torch.optim.SGD, lr=0.1))
     state, _ = s(state, torch.ones(4, 4))
-    sys.stdout.write(json.dumps({"rank": rt.rank, "transforms": s.xform_transforms, "strategy": s.strategy.name,
-                                 "policy": str(s.policy), "steps": s.steps, "step": state.step}) + "\\n")
+    x = s.xform
+    sys.stdout.write(json.dumps({"rank": rt.rank, "transforms": x.names, "strategy": x.setting("shard", "strategy").name,
+                                 "policy": str(x.setting("mixed_precision", "policy")),
+                                 "steps": x.setting("accumulate", "steps"), "step": state.step}) + "\\n")
     sys.stdout.flush()
     xf.distributed.shutdown()
     """

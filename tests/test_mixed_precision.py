@@ -83,9 +83,9 @@ def test_fp32_is_the_identity(spec):
 def test_wrapping_keeps_name_docs_and_settings():
     wrapped = xf.mixed_precision(step, "fp16")
     assert wrapped.__name__ == "step" and wrapped.__doc__ == step.__doc__
-    assert wrapped.policy == xf.Policy.parse("fp16")
-    assert wrapped.loss_scale == xf.DynamicLossScale()
-    assert xf.mixed_precision(step, "bf16").loss_scale == xf.NoOpLossScale()
+    assert wrapped.xform.setting("mixed_precision", "policy") == xf.Policy.parse("fp16")
+    assert wrapped.xform.setting("mixed_precision", "loss_scale") == xf.DynamicLossScale()
+    assert xf.mixed_precision(step, "bf16").xform.setting("mixed_precision", "loss_scale") == xf.NoOpLossScale()
 
 
 def test_bad_settings_are_refused():

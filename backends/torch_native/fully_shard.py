@@ -9,6 +9,7 @@ import torch.distributed as dist
 
 from xform.core.optim import placeholder_opt_state
 from xform.core.backend import relaid, static
+from xform.core.transform import transforms_of
 from xform.core.primitives import Handler, Reducer
 from xform.core.state import TrainState
 from xform.core.strategies import FullyShard, HybridShard
@@ -76,7 +77,7 @@ def _relaid(state: TrainState) -> TrainState:
 class FullyShardLayout:
     def __init__(self, strategy: FullyShard, mesh: Any, inner: Any):
         self.strategy, self.mesh = strategy, mesh
-        self.policy = getattr(inner, "policy", None)  # mixed_precision inside shard
+        self.policy = transforms_of(inner).setting("mixed_precision", "policy")  # mixed_precision inside shard
 
     def dp_mesh(self) -> Any:
         from torch.distributed.device_mesh import init_device_mesh

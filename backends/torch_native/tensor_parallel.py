@@ -9,6 +9,7 @@ import torch.distributed as dist
 
 from xform.core.optim import is_dtensor
 from xform.core.primitives import Handler
+from xform.core.transform import transforms_of
 from xform.core.state import TrainState
 from xform.core.strategies import FullyShard, TensorParallel
 
@@ -21,7 +22,7 @@ from .fully_shard import _BackwardReducer, _fully_shard_units, _relaid, ties
 class TensorParallelLayout:
     def __init__(self, strategy: TensorParallel, mesh: Any, inner: Any):
         self.strategy, self.mesh = strategy, mesh
-        self.policy = getattr(inner, "policy", None)
+        self.policy = transforms_of(inner).setting("mixed_precision", "policy")
 
     def _check_mesh(self) -> None:
         s = self.strategy

@@ -2,7 +2,9 @@
 
 Validate eagerly; build the wrapper with ``functools.wraps``; give it ``init`` (the inner
 step's ``init`` followed by this transform's); install the handler for the duration of
-each call.
+each call. A transformed step carries ``step.xform``, a ``Transforms`` record of what
+wraps it (innermost first, each with its settings): nesting rules and backends read
+that record, never ad-hoc attributes.
 """
 
 from __future__ import annotations
@@ -10,11 +12,72 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable, Protocol
 
+import attrs
+
 from xform.core.primitives import handlers
 from xform.core.state import TrainState
 from xform.distributed.runtime import step_failure
 
-__all__ = ["Step", "TransformedStep", "check_result", "init_of", "wrap"]
+__all__ = ["Applied", "Step", "Transforms", "TransformedStep", "check_result", "init_of", "transforms_of", "wrap"]
+
+
+@attrs.frozen
+class Applied:
+    """One transform applied to a step: its name and its settings."""
+
+    name: str
+    settings: tuple[tuple[str, Any], ...] = ()
+
+    def __getitem__(self, key: str) -> Any:
+        for k, v in self.settings:
+            if k == key:
+                return v
+        raise KeyError(f"{self.name} has no setting {key!r}; its settings are {[k for k, _ in self.settings]}")
+
+
+@attrs.frozen
+class Transforms:
+    """What wraps a step, innermost first (``step.xform``).
+
+    Example:
+        >>> import torch, xform as xf
+        >>> def step(state, batch):
+        ...     loss, grads = xf.value_and_grad(lambda p: xf.apply(state, p, batch).sum())(state.params)
+        ...     return state.apply_gradients(grads), {"loss": loss}
+        >>> wrapped = xf.accumulate(xf.mixed_precision(step, "bf16"), 4)
+        >>> wrapped.xform.names
+        ('mixed_precision', 'accumulate')
+        >>> wrapped.xform.find("accumulate")["steps"]
+        4
+    """
+
+    applied: tuple[Applied, ...] = ()
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(a.name for a in self.applied)
+
+    def __contains__(self, name: object) -> bool:
+        return any(a.name == name for a in self.applied)
+
+    def find(self, name: str) -> Applied | None:
+        """The innermost application of transform ``name``, or None."""
+        return next((a for a in self.applied if a.name == name), None)
+
+    def setting(self, name: str, key: str, default: Any = None) -> Any:
+        """Setting ``key`` of the innermost ``name``, or ``default`` when not applied."""
+        applied = self.find(name)
+        return default if applied is None else applied[key]
+
+    def then(self, name: str, **settings: Any) -> "Transforms":
+        """This record with ``name`` applied outside it."""
+        return Transforms(self.applied + (Applied(name, tuple(settings.items())),))
+
+
+def transforms_of(step: Any) -> Transforms:
+    """The record of what wraps ``step`` (empty for a plain step)."""
+    record = getattr(step, "xform", None)
+    return record if isinstance(record, Transforms) else Transforms()
 
 
 class Step(Protocol):
@@ -76,21 +139,23 @@ def wrap(
     call: Callable[[TrainState, Any], tuple[TrainState, Any]],
     init: Callable[[TrainState], TrainState],
     *,
+    name: str,
     api: str | None = None,
-    **attrs: Any,
+    **settings: Any,
 ) -> TransformedStep:
     """``call`` under ``step``'s name and docs, with ``init`` run after the inner one's.
 
     The transformed step checks what ``call`` returns (``check_result``), and turns a
     failed collective inside it or its ``init`` (a dead or hung peer) into an
-    ``xf.DistributedError`` naming the rank, the step and the phase. ``api`` names the transform in errors; by
-    default the last entry of ``xform_transforms``.
+    ``xf.DistributedError`` naming the rank, the step and the phase. ``name`` and
+    ``settings`` are added to the step's ``Transforms`` record (``step.xform``); ``api``
+    names the transform in errors (by default ``name``).
     """
     inner_init = init_of(step)
-    names = attrs.get("xform_transforms") or (getattr(step, "__name__", "step"),)
+    record = transforms_of(step).then(name, **settings)
     if api is None:
-        api = names[-1]
-    comm_api = "shard" if "shard" in names else api  # the transform whose collectives can fail
+        api = name
+    comm_api = "shard" if "shard" in record else api  # the transform whose collectives can fail
 
     @functools.wraps(step)
     def transformed(state: TrainState, batch: Any):
@@ -122,6 +187,5 @@ def wrap(
             raise failure from e
 
     transformed.init = init_all  # type: ignore[attr-defined]
-    for k, v in attrs.items():
-        setattr(transformed, k, v)
+    transformed.xform = record  # type: ignore[attr-defined]
     return transformed  # type: ignore[return-value]

@@ -172,8 +172,7 @@ def accumulate(step: Callable[..., Any], steps: int):
 
     return wrap(
         step, call, lambda state: state,
-        xform_transforms=getattr(step, "xform_transforms", ()) + ("accumulate",),
-        steps=steps,
+        name="accumulate", steps=steps,
     )
 
 

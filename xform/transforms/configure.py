@@ -56,7 +56,7 @@ def configure(step: Callable[..., Any], config: Any = None):
         ...     loss, grads = xf.value_and_grad(lambda p: xf.apply(state, p, batch).square().mean())(state.params)
         ...     return state.apply_gradients(grads), {"loss": loss}
         >>> configured = xf.configure(step, LaunchConfig(precision="bf16", accumulation_steps=2))
-        >>> configured.xform_transforms
+        >>> configured.xform.names
         ('mixed_precision', 'accumulate', 'shard')
     """
     config = launch_config() if config is None else config

@@ -21,7 +21,7 @@ from xform.core.mean import Mean
 from xform.core.optim import local_part
 from xform.core.primitives import Handler, installed
 from xform.core.state import TrainState
-from xform.core.transform import check_step, wrap
+from xform.core.transform import check_step, transforms_of, wrap
 
 __all__ = ["Policy", "NoOpLossScale", "StaticLossScale", "DynamicLossScale", "mixed_precision"]
 
@@ -308,7 +308,7 @@ def mixed_precision(
         )
     if policy == Policy() and isinstance(loss_scale, NoOpLossScale):
         return step
-    if "mixed_precision" in getattr(step, "xform_transforms", ()):
+    if "mixed_precision" in transforms_of(step):
         raise ValueError(
             "mixed_precision: this step is already wrapped in mixed_precision; apply one policy only"
         )
@@ -334,7 +334,6 @@ def mixed_precision(
 
     return wrap(
         step, call, init,
-        xform_transforms=getattr(step, "xform_transforms", ()) + ("mixed_precision",),
-        policy=policy, loss_scale=loss_scale,
+        name="mixed_precision", policy=policy, loss_scale=loss_scale,
     )
 

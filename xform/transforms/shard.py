@@ -28,7 +28,7 @@ from xform.core.strategies import (  # noqa: F401  (re-exported)
 )
 from xform.core.primitives import Handler, installed
 from xform.core.state import TrainState, sharded_update
-from xform.core.transform import check_step, wrap
+from xform.core.transform import check_step, transforms_of, wrap
 
 __all__ = [
     "Replicate", "ZeRO", "FullyShard", "HybridShard", "TensorParallel", "STRATEGIES", "parse_strategy",
@@ -93,7 +93,7 @@ def shard(step: Callable[..., Any], strategy: "str | Strategy" = "replicate", *,
     """
     check_step("shard", step)
     strategy = parse_strategy(strategy)
-    if "shard" in getattr(step, "xform_transforms", ()):
+    if "shard" in transforms_of(step):
         raise ValueError("shard: this step is already sharded; apply shard once, outermost")
     layout = get_backend(backend).layout(strategy, mesh, inner=step)
     tag = _Tag(strategy, mesh)
@@ -118,8 +118,7 @@ def shard(step: Callable[..., Any], strategy: "str | Strategy" = "replicate", *,
 
     return wrap(
         step, call, init,
-        xform_transforms=getattr(step, "xform_transforms", ()) + ("shard",),
-        strategy=strategy,
+        name="shard", strategy=strategy,
     )
 
 
