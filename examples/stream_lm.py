@@ -12,9 +12,11 @@ the next batches (the loader counts and skips the consumed ones).
 runs three launches (``xform launch --nproc 2``): an uninterrupted run of 12 steps; a
 run that saves at step 5 and is killed (SIGKILL, every rank) at step 8; and a run
 resumed from that checkpoint. It prints whether the resumed batches and losses equal
-the uninterrupted run's. One training run by hand:
+the uninterrupted run's. One training run by hand, logged to MLflow (hyperparameters,
+losses by step, and the final checkpoint's ``meta.json``; from rank 0 only):
 
-    xform launch --nproc 2 examples/stream_lm.py --run-dir runs/stream --steps 12
+    xform launch --nproc 2 examples/stream_lm.py --run-dir runs/stream --steps 12 \
+        --mlflow sqlite:///$PWD/runs/stream/mlflow.db
 """
 
 from __future__ import annotations
@@ -103,6 +105,10 @@ def train(args: argparse.Namespace) -> None:
         if rank == 0:
             print(f"resumed from {manager.latest()} at step {state.step}", flush=True)
     state = loader.attach(state)
+    tracker = xf.Trackers()
+    if args.mlflow:
+        tracker = xf.Trackers(xf.MLflowTracker("stream_lm", tracking_uri=args.mlflow, artifact_location=run / "mlartifacts"))
+    tracker.log_hparams({"global_batch_size": loader.global_batch_size, "num_workers": 2, "lr": 3e-3, "steps": args.steps})
     log = (run / f"{args.log}.rank{rank}.jsonl").open("a")
     for batch in loader.iterate(state, epochs=None):
         if state.step >= args.steps:
@@ -117,7 +123,12 @@ def train(args: argparse.Namespace) -> None:
         record = {"step": step_no, "lines": batch["line"].tolist(), "loss": float(metrics["loss"])}
         log.write(json.dumps(record) + "\n")
         log.flush()
+        tracker.log(metrics, step=step_no)
     log.close()
+    manager.save(state)
+    for t in tracker.trackers:  # the final checkpoint's metadata, as an artifact (rank 0 only)
+        t.log_artifact(Path(manager.latest()) / "meta.json", "checkpoint")
+    tracker.finish()
 
 
 def demo(run: Path) -> None:
@@ -158,6 +169,7 @@ def main() -> None:
     parser.add_argument("--log", default="batches")
     parser.add_argument("--save-every", type=int, default=0)
     parser.add_argument("--die-at", type=int, default=None)
+    parser.add_argument("--mlflow", default=None, help="an MLflow tracking URI, e.g. sqlite:////abs/path/mlflow.db")
     args = parser.parse_args()
     if args.demo:
         demo(Path(args.run_dir))
