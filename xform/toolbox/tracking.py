@@ -474,11 +474,12 @@ class MLflowTracker(_BuiltinTracker):
         main_process_only: log only from the main process (see the module docs).
 
     Example:
-        >>> import tempfile, pathlib, xform as xf                       # doctest: +SKIP
-        >>> uri = pathlib.Path(tempfile.mkdtemp()).as_uri()
-        >>> with xf.Trackers(xf.MLflowTracker("demo", tracking_uri=uri)) as tracker:
-        ...     tracker.log_hparams({"lr": 1e-3})
-        ...     tracker.log({"loss": 0.7}, step=0)
+        >>> import xform as xf
+        >>> tracker = xf.MLflowTracker("demo", tracking_uri="sqlite:////tmp/mlflow.db")  # doctest: +SKIP
+        >>> with xf.Trackers(tracker) as trackers:  # doctest: +SKIP
+        ...     trackers.log_hparams({"lr": 1e-3})
+        ...     trackers.log({"loss": 0.7}, step=0)
+        ...     tracker.log_artifact("ckpt/step_000000100/meta.json", "checkpoint")
     """
 
     _api = "MLflowTracker"
