@@ -11,6 +11,7 @@ from xform.toolbox.batch_size import find_executable_batch_size
 from xform.checkpoint import CheckpointError, CheckpointManager, load, save
 from xform.transforms.configure import configure, launch_config
 from xform.data import DataLoader, PadCollate
+from xform.distributed.runtime import DistributedError
 from xform.core.mean import Mean
 from xform.toolbox.memory import MemoryEstimate, estimate_memory, measure_activations
 from xform.transforms.mixed_precision import DynamicLossScale, NoOpLossScale, Policy, StaticLossScale, mixed_precision
@@ -41,6 +42,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointManager",
     "DataLoader",
+    "DistributedError",
     "PadCollate",
     "DonatedStateError",
     "DynamicLossScale",
