@@ -471,6 +471,10 @@ def shutdown() -> None:
     """
     global _cache
     if _group_up():
+        try:  # every rank done with its collectives before any closes its connections
+            dist.barrier()
+        except RuntimeError:  # a peer is gone already: nothing to wait for
+            pass
         dist.destroy_process_group()
     _cache = None
 
