@@ -220,7 +220,9 @@ def assert_accumulate_equivalent(
     rounding by ``lr / eps`` where a gradient element nearly cancels: with AdamW's default
     ``eps=1e-8`` about one random case in a thousand then differs by up to ~2e-6 after a
     few steps at ``lr=1e-3``. Check with a larger ``eps`` (e.g. ``1e-3``) or with SGD to
-    keep the check tight.
+    keep the check tight. Prefer SGD without gradient clipping: AdamW and clipping are
+    nearly blind to a gradient off by a constant factor (a loss summed over micro-batches
+    instead of averaged), which SGD shows in the params.
 
     Args:
         step: the step to check, possibly already transformed (e.g. by
