@@ -201,4 +201,20 @@ MUTATIONS: tuple[Mutation, ...] = (
         bug="mixed_precision(shard(f, 'zero2'), 'fp16'): shard runs the optimizer itself, so the loss "
         "scale's unscale and skip never run (weights off by the scale after one step)",
     ),
+    Mutation(
+        name="stream_worker_serves_every_batch",
+        path="xform/_data_stream.py",
+        find="if (index - self.start) % n == w:",
+        replace="if True:",
+        tests=("tests/test_data_stream.py::test_workers_give_the_batches_of_the_main_process_and_resume_exactly",),
+        bug="DataLoader over an IterableDataset with workers: every worker serves every batch, so each batch arrives n times",
+    ),
+    Mutation(
+        name="stream_ranks_share_one_slice",
+        path="xform/_data_stream.py",
+        find="mine = padded[self.rank * per : (self.rank + 1) * per]",
+        replace="mine = padded[:per]",
+        tests=("tests/test_data_stream.py::test_ranks_get_disjoint_slices_whose_union_is_the_single_process_batch",),
+        bug="DataLoader over an IterableDataset: every rank gets the first slice of each global batch",
+    ),
 )
