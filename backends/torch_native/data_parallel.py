@@ -102,17 +102,32 @@ class _Plan:
 class _Comm:
     """One step's gradient communication: buckets filled by hooks, launched in order."""
 
-    def __init__(self, plan: _Plan, group: Any, scatter: bool, dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self, plan: _Plan, group: Any, scatter: bool, dtype: torch.dtype, device: torch.device, rows: int | None = None
+    ):
         self.plan, self.group, self.scatter = plan, group, scatter
         n = len(plan.buckets)
         self.scattered = [scatter and bool(b) and b[0].sharded for b in plan.buckets]
         self.dtype, self.device = dtype, device
+        # The batch sizes of all processes ride on the last all-reduced bucket: ``world``
+        # more elements, this process's size in its own slot, so every process reads every
+        # size exactly after the all-reduce, at no extra collective (float32 counts are exact
+        # up to 2**24). None when there is no such bucket or the dtype cannot hold the count.
+        tail = None
+        if rows is not None and dtype in (torch.float32, torch.float64) and rows < 2**24:
+            tail = next((i for i in reversed(range(n)) if not self.scattered[i]), None)
+        extra = [plan.world if i == tail else 0 for i in range(n)]
         # Reduce-scatter send buffers are made when their first gradient arrives and let go
         # once sent, so zero2 holds whole gradients only for the buckets in flight.
         self.bufs: list[torch.Tensor | None] = [
-            None if sc else torch.empty(size, dtype=dtype, device=device)
-            for size, sc in zip(plan.sizes, self.scattered)
+            None if sc else torch.empty(size + x, dtype=dtype, device=device)
+            for size, sc, x in zip(plan.sizes, self.scattered, extra)
         ]
+        self.sizes: torch.Tensor | None = None  # every process's batch size, once reduced
+        if tail is not None:
+            self.sizes = self.bufs[tail][plan.sizes[tail] :]
+            self.sizes.zero_()
+            self.sizes[plan.rank] = rows
         self.outs = [torch.empty(ssize, dtype=dtype, device=device) if sc else None for ssize, sc in zip(plan.ssizes, self.scattered)]
         # The reduced gradients, made once per step: views of the buckets shaped like the
         # params (all-reduce; the hooks copy into them and hand them to autograd) or like
@@ -124,7 +139,7 @@ class _Comm:
                     n_local = (e.hi - e.lo) * e.rowsize
                     self.grads[e.name] = self.outs[i][e.soffset : e.soffset + n_local].view(e.local_shape)
             else:
-                for e, piece in zip(entries, self.bufs[i].split(plan.numels[i])):
+                for e, piece in zip(entries, self.bufs[i][: plan.sizes[i]].split(plan.numels[i])):
                     self.grads[e.name] = piece.view(e.shape)
         self.filled = [0] * n
         self.works: list[Any] = [None] * n
@@ -276,12 +291,19 @@ def _shard_opt_state(state: TrainState, plan: _Plan, mesh: Any) -> TrainState:
 
 
 class _DataParallelHandler(Reducer):
+    """Attributes:
+        rows: this process's batch size, set by ``shard`` before the step; it rides on the
+            gradient all-reduce (see ``_Comm``), and ``sizes`` holds every process's after.
+    """
+
     overlaps = True
 
     def __init__(self, layout: DataParallel, group: Any, world: int):
         super().__init__()
         self.layout, self.group, self.pieces = layout, group, world
         self.reduced = False
+        self.rows: int | None = None
+        self.sizes: torch.Tensor | None = None
 
     def value_and_grad(self, fn, params, has_aux, next):
         if not _inner_at_last_piece(self):  # accumulate: communicate only on the last micro-batch
@@ -293,17 +315,21 @@ class _DataParallelHandler(Reducer):
         finally:
             comm.remove()
         self.reduced = True
-        return value, comm.finish(grads)
+        grads = comm.finish(grads)
+        self.sizes = comm.sizes
+        return value, grads
 
     def _comm(self, params: dict[str, torch.Tensor]) -> _Comm:
         plan = self.layout.plan(params)
         p = params[plan.names[0]]
-        return _Comm(plan, self.group, self.layout.scatter, p.dtype, p.device)
+        return _Comm(plan, self.group, self.layout.scatter, p.dtype, p.device, self.rows)
 
     def apply_gradients(self, state, grads, count, next):
         count = self.take_count(count)
         if not self.reduced:  # gradients that did not come from value_and_grad's hooks
-            grads = self._comm(state.params).finish(grads)
+            comm = self._comm(state.params)
+            grads = comm.finish(grads)
+            self.sizes = comm.sizes
         return next(state, grads, _global_count(count, self.group, self.pieces, static(state).device))
 
 

@@ -113,7 +113,10 @@ def shard(step: Callable[..., Any], strategy: "str | Strategy" = "replicate", *,
             with installed(handler):
                 return step(state, batch)
         zero = layout if runs_optimizer and layout.runs_optimizer else None
-        with installed(handler), installed(_Guard(handler, _rows(batch), zero, whole)):
+        rows = _rows(batch)
+        if hasattr(handler, "rows"):  # a reducer that carries the batch sizes with the gradient
+            handler.rows = rows
+        with installed(handler), installed(_Guard(handler, rows, zero, whole)):
             return step(state, batch)
 
     return wrap(
@@ -204,8 +207,15 @@ class _Guard(Handler):
 
     def agree(self, state: TrainState, grads: dict[str, torch.Tensor], bad: torch.Tensor) -> bool:
         squares = self.zero.owned_squares(state, grads) if self.zero is not None else None
-        if self.whole and not self.plain and squares is None:
-            return not bool(bad)
+        if self.whole and squares is None:  # the gradient was all-reduced whole: so was its NaN
+            if not self.plain:
+                return not bool(bad)
+            sizes = getattr(self.reducer, "sizes", None)
+            if sizes is not None:  # the batch sizes rode on the gradient's all-reduce
+                every = sizes.tolist()
+                if min(every) != max(every):
+                    raise ValueError(_UNEQUAL.format(mine=self.rows, total=int(sum(every)), world=len(every)))
+                return not bool(bad)
         group = self.zero.group()[0] if self.zero is not None else None
         n = float(self.rows)
         status = torch.full((3 if squares is None else 4,), n, dtype=torch.float64, device=bad.device)
