@@ -379,20 +379,28 @@ def _square_sum(tensors: list[torch.Tensor], device: torch.device) -> torch.Tens
 
 
 def _all_gather_params(plan: _Plan, params: dict[str, torch.Tensor], group: Any) -> None:
-    """Every process's updated rows to every process, one all-gather per bucket."""
-    w = plan.world
+    """Every process's updated rows to every process, one all-gather per bucket.
+
+    This process's rows are packed straight into its slot of the output (the all-gather's
+    input is a view of its output), and each process's rows are copied out slot by slot:
+    no send buffer and no reshaped copy of a parameter beside the gathered bucket."""
+    w, rank = plan.world, plan.rank
     with torch.no_grad():
         for entries, size in zip(plan.buckets, plan.ssizes):
             if not entries or not entries[0].sharded:
                 continue
             p0 = params[entries[0].name]
-            mine = torch.zeros(size, dtype=p0.dtype, device=p0.device)
+            grid = torch.empty(size * w, dtype=p0.dtype, device=p0.device).view(w, size)
+            mine = grid[rank]
             for e in entries:
                 n = (e.hi - e.lo) * e.rowsize
-                mine[e.soffset : e.soffset + n].copy_(params[e.name].detach().reshape(-1)[e.lo * e.rowsize : e.hi * e.rowsize])
-            out = torch.empty(size * w, dtype=p0.dtype, device=p0.device)
-            _all_gather(out, mine, group=group)
-            grid = out.view(w, size)
+                mine[e.soffset : e.soffset + n].copy_(params[e.name].detach().view(-1)[e.lo * e.rowsize : e.hi * e.rowsize])
+                mine[e.soffset + n : e.soffset + e.chunk].zero_()  # the padding of a short last share
+            _all_gather(grid.view(-1), mine, group=group)
             for e in entries:
-                full = grid[:, e.soffset : e.soffset + e.chunk].reshape(-1)[: e.numel]
-                params[e.name].detach().view(-1).copy_(full)
+                flat = params[e.name].detach().view(-1)
+                for r in range(w):
+                    lo = min(r * e.chunk, e.numel)
+                    hi = min(lo + e.chunk, e.numel)
+                    if hi > lo:
+                        flat[lo:hi].copy_(grid[r, e.soffset : e.soffset + hi - lo])
