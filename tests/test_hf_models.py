@@ -97,8 +97,14 @@ LLAMA = {"model": "llama", "loss": "out.loss", "global_batch": 4, "steps": STEPS
         # instead of the global token count.
         {**GPT2, "loss": "masked", "k": 2, "strategy": "zero2"},
         {**GPT2, "loss": "masked", "k": 2, "strategy": "zero3"},
-        # Llama under FSDP: rotary buffers, RMSNorm, gated MLP, no tie.
+        # Llama under every data-parallel strategy: rotary buffers, RMSNorm, gated MLP, no
+        # tie, 0-dim-free but many small tensors (norm weights) in the buckets.
+        {**LLAMA, "strategy": "replicate"},
+        {**LLAMA, "strategy": "zero1"},
+        {**LLAMA, "strategy": "zero2"},
         {**LLAMA, "strategy": "zero3"},
+        {**LLAMA, "strategy": "hsdp", "mesh": (1, 2)},
+        {**LLAMA, "loss": "masked", "k": 2, "strategy": "zero2"},
         # Llama tensor parallel over a 1x2 mesh (both processes see the whole batch):
         # q/k/v and gate/up column-wise, o and down row-wise. Catches: a head split that
         # does not follow the heads (HF Llama reshapes by head_dim with -1 heads, so each
