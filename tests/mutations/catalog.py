@@ -161,8 +161,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         name="nonfinite_update_not_skipped",
         path="xform/core/state.py",
-        find="if sharded is not None else not bool(bad)",
-        replace="if sharded is not None else True",
+        find="finite = not bool(bad)",
+        replace="finite = True",
         tests=("tests/test_nonfinite.py::test_a_nan_loss_is_skipped_in_every_precision",),
         bug="apply_gradients: a NaN gradient reaches the params (every param NaN for good)",
     ),

@@ -38,8 +38,12 @@ def optimizer_step(
             group["lr"] = lr
     for p, g in zip(params, grads):
         p.grad = g
-    with torch.no_grad():
+    was = torch.is_grad_enabled()  # torch.no_grad() without its context object, once per update
+    torch._C._set_grad_enabled(False)
+    try:
         optimizer.step()
+    finally:
+        torch._C._set_grad_enabled(was)
     for p in params:
         p.grad = None
 

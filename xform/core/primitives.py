@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextvars
 import fractions
 import functools
-import math
 import re
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -107,11 +106,13 @@ class _Stack:
     """The installed handlers, innermost last, with a per-primitive cache of the ones
     that override it (a handler that only passes a primitive on costs nothing)."""
 
-    __slots__ = ("handlers", "active")
+    __slots__ = ("handlers", "active", "reducers", "uses_backward")
 
     def __init__(self, handlers: tuple[Handler, ...]):
         self.handlers = handlers
         self.active: dict[str, list[Callable[..., Any]]] = {}
+        self.reducers = tuple(h for h in handlers if h.reduces)
+        self.uses_backward = any(h.uses_backward for h in handlers)
 
     def for_primitive(self, name: str) -> list[Callable[..., Any]]:
         methods = self.active.get(name)
@@ -149,7 +150,10 @@ def handlers() -> tuple[Handler, ...]:
 
 def dispatch(name: str, base: Callable[..., Any], *args: Any) -> Any:
     """Runs primitive ``name`` through the handlers, innermost first, then ``base``."""
-    methods = _HANDLERS.get().for_primitive(name)
+    stack = _HANDLERS.get()
+    if not stack.handlers:
+        return base(*args)
+    methods = stack.for_primitive(name)
     if not methods:
         return base(*args)
     return _Next(methods, len(methods) - 1, base)(*args)
@@ -216,7 +220,7 @@ class rng_guard:
     __slots__ = ("gen", "saved", "token")
 
     def __init__(self, device: torch.device):
-        self.gen = _generator_for(device)
+        self.gen = generator_for(device)
 
     def __enter__(self) -> None:
         self.saved = self.gen.get_state()
@@ -228,17 +232,18 @@ class rng_guard:
         self.gen.set_state(self.saved)
 
 
-def _next_seed(state: "TrainState") -> int:
-    frame = _RNG.get()
+def _next_seed(state: "TrainState", frame: _RngFrame | None) -> int:
+    """The seed of the next ``apply`` call (``state`` is known to be alive)."""
     if frame is None:
         salt, n = (), 0
     else:
         salt, n = frame.salt, frame.calls
         frame.calls += 1
-    return hash((state.rng, state.data["consumed"], salt, n)) & 0x7FFF_FFFF_FFFF_FFFF
+    return hash((state._rng, state._data["consumed"], salt, n)) & 0x7FFF_FFFF_FFFF_FFFF
 
 
-def _generator_for(device: torch.device) -> torch.Generator:
+def generator_for(device: torch.device) -> torch.Generator:
+    """The global generator of ``device`` (a state's runtime caches it)."""
     if device.type == "cuda":
         return torch.cuda.default_generators[device.index or 0]
     return torch.default_generator
@@ -277,10 +282,10 @@ def _apply_base(state: "TrainState", params, args, kwargs):
             f"xf.apply: expected a TrainState as the first argument, got {type(state).__name__}; call "
             "xf.apply(state, params, *inputs)"
         ) from None
-    gen = _generator_for(rt.device)
+    gen = rt.generator
     frame = _RNG.get()
     saved = None if frame is not None and frame.guarded else gen.get_state()
-    gen.manual_seed(_next_seed(state))
+    gen.manual_seed(_next_seed(state, frame))
     try:
         if params is state.params:
             rt.bind(state)
@@ -417,17 +422,25 @@ def value_and_grad(fn: Callable[..., Any], *, has_aux: bool = False) -> Callable
 
 
 def _value_and_grad_base(fn, params, has_aux):
-    with rng_salt():
+    outer = _RNG.get()  # a fresh frame: the apply calls inside count from 0 (rng_salt(), inlined)
+    token = _RNG.set(_RngFrame(outer.salt, outer.guarded) if outer else _RngFrame((), False))
+    try:
         out = fn(params)
+    finally:
+        _RNG.reset(token)
     if has_aux:
         if not (isinstance(out, tuple) and len(out) == 2):
             raise ValueError(_HAS_AUX_ERROR.format(got=type(out).__name__))
         loss, aux = out
     else:
         loss, aux = out, None
-    mean = loss if isinstance(loss, Mean) else Mean(_check_scalar(loss), 1)
-    _check_scalar(mean.total)
-    objective = dispatch("objective", _objective_base, mean)
+    stack = _HANDLERS.get()
+    if type(loss) is torch.Tensor and not stack.handlers:  # the plain step: a scalar mean loss, nothing installed
+        objective = _check_scalar(loss)
+    else:
+        mean = loss if isinstance(loss, Mean) else Mean(_check_scalar(loss), 1)
+        _check_scalar(mean.total)
+        objective = dispatch("objective", _objective_base, mean)
     names = [k for k, p in params.items() if p.requires_grad]
     if not names:
         raise ValueError(
@@ -435,7 +448,7 @@ def _value_and_grad_base(fn, params, has_aux):
             "pass state.params, whose trainable tensors do"
         )
     try:
-        if any(h.uses_backward for h in _HANDLERS.get().handlers):
+        if stack.uses_backward:
             objective.backward()
             found = []
             for k in names:
@@ -453,15 +466,22 @@ def _value_and_grad_base(fn, params, has_aux):
 
 
 def _objective_base(mean: Mean) -> torch.Tensor:
-    reducers = [h for h in _HANDLERS.get().handlers if h.reduces]
+    reducers = _HANDLERS.get().reducers
     if not reducers:
         return mean.total if _is_one(mean.count) else mean.total / mean.count
     if _is_one(mean.count):  # a plain mean loss: normalize by the number of pieces now
-        pieces = math.prod(h.pieces for h in reducers)
+        pieces = _pieces(reducers)
         reducers[-1].pending = _fraction(pieces)
         return mean.total if pieces == 1 else mean.total / pieces
     reducers[-1].pending = mean.count
     return mean.total
+
+
+def _pieces(reducers: tuple[Reducer, ...]) -> int:
+    n = 1
+    for h in reducers:
+        n *= h.pieces
+    return n
 
 
 def _is_one(count: Any) -> bool:

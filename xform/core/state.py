@@ -61,12 +61,13 @@ class _Runtime:
     a state rebuilt from leaves (``load``, ``tree.map``, ``replace``) gets a new one.
     """
 
-    __slots__ = ("spec", "optimizer", "extras", "__weakref__")
+    __slots__ = ("spec", "optimizer", "extras", "generator", "__weakref__")
 
     def __init__(self, spec: _Spec):
         self.spec = spec
         self.optimizer: torch.optim.Optimizer | None = None
         self.extras: dict[Any, Any] = {}  # handlers' caches bound to these tensors
+        self.generator = primitives.generator_for(spec.device)  # the global RNG ``apply`` seeds
 
     @property
     def module(self) -> torch.nn.Module:
@@ -332,7 +333,7 @@ class TrainState:
             )
         tensors_changed = bool({"params", "buffers", "opt_state"} & set(changes))
         runtime = _Runtime(self._spec) if tensors_changed else self._life.runtime
-        return attrs.evolve(self, **changes, life=_Life(runtime, self._life.tensors))
+        return _evolve(self, life=_Life(runtime, self._life.tensors), **changes)
 
     def copy(self) -> "TrainState":
         """A state with its own copies of every tensor: donating it leaves ``self`` intact."""
@@ -372,10 +373,11 @@ class TrainState:
     def successor(self, *, updated: bool, **changes: Any) -> "TrainState":
         """The state after one update attempt: the data position always advances,
         ``step`` only when ``updated``. Shares this state's runtime and donates it."""
-        new = attrs.evolve(
+        data = self._data
+        new = _evolve(
             self,
             step=self._step + 1 if updated else self._step,
-            data={**self._data, "consumed": self._data["consumed"] + 1},
+            data={**data, "consumed": data["consumed"] + 1},
             life=_Life(self._life.runtime),
             **changes,
         )
@@ -389,18 +391,18 @@ class TrainState:
     def _relaid(self, by: str, **changes: Any) -> "TrainState":
         """A state over tensors laid out anew (sharded, cast) that now own the old ones:
         this state and those sharing its tensors are donated to it."""
-        new = attrs.evolve(self, **changes, life=_Life(_Runtime(self._spec)))
+        new = _evolve(self, life=_Life(_Runtime(self._spec)), **changes)
         self._donate(by)
         return new
 
     def _evolve_leaves(self, **changes: Any) -> "TrainState":
         """Same liveness and runtime, other non-tensor leaves (a handler's bookkeeping)."""
-        return attrs.evolve(self, **changes, life=self._life)
+        return _evolve(self, life=self._life, **changes)
 
     def _laid_out(self, layout: Any) -> "TrainState":
         """This state, tagged as laid out by ``layout`` (``shard``'s init); shares its tensors."""
         spec = attrs.evolve(self._spec, layout=layout)
-        return attrs.evolve(self, spec=spec, life=_Life(_Runtime(spec), self._life.tensors))
+        return _evolve(self, spec=spec, life=_Life(_Runtime(spec), self._life.tensors))
 
     def _cast_params(self, dtype: torch.dtype) -> "TrainState":
         """Stores the params in ``dtype`` (no fp32 master copy); only before training."""
@@ -433,6 +435,24 @@ class TrainState:
 LEAVES: tuple[str, ...] = tuple(f.alias for f in attrs.fields(TrainState) if f.alias not in ("spec", "life"))
 _LEAF_NAMES = frozenset(LEAVES)
 _PRIVATE = tuple("_" + name for name in LEAVES)
+
+
+def _make_evolve() -> Callable[..., TrainState]:
+    """``attrs.evolve`` for ``TrainState``, generated from its fields (``LEAVES`` plus the
+    static two): the same result without evolve's per-call field walk and kwargs dict
+    (it runs once per update). An unknown keyword is a ``TypeError``, as with evolve."""
+    fields = attrs.fields(TrainState)
+    params = ", ".join(f"{f.alias}=_KEEP" for f in fields)
+    body = "\n".join(
+        f"    _set(new, {f.name!r}, self.{f.name} if {f.alias} is _KEEP else {f.alias})" for f in fields
+    )
+    source = f"def _evolve(self, *, {params}):\n    new = _new(_cls)\n{body}\n    return new\n"
+    namespace = {"_KEEP": object(), "_new": object.__new__, "_cls": TrainState, "_set": object.__setattr__}
+    exec(compile(source, "<xform.core.state._evolve>", "exec"), namespace)  # noqa: S102 (our own fields)
+    return namespace["_evolve"]
+
+
+_evolve = _make_evolve()
 
 
 def _flatten(s: TrainState):
@@ -498,21 +518,42 @@ _TOO_MANY_SKIPS = (
 )
 
 
+class _Found:
+    """The scalars of the non-finite check, made once per runtime and reused: ``found``
+    (the flag the kernel sets), ``one`` (its unscale factor) and ``clear``, True while
+    ``found`` is known to hold 0 (read as 0 on the host, untouched since)."""
+
+    __slots__ = ("found", "one", "clear")
+
+    def __init__(self, device: torch.device):
+        self.found = torch.zeros((), device=device)
+        self.one = torch.ones((), device=device)
+        self.clear = True
+
+
 def _nonfinite(grads: list[torch.Tensor], scratch: dict[Any, Any]) -> torch.Tensor:
     """A 0-dim float32 tensor, 1 when any gradient holds a NaN or inf (this process's part).
 
     torch's fused check (GradScaler's, with a scale of 1): one kernel, a few µs. Its two
-    scalars are made once per runtime (``scratch``) and reused."""
-    local = [local_part(g) for g in grads]  # plain tensors and DTensors alike (a mixed list is fine)
-    pair = scratch.get(_NONFINITE)
-    if pair is None:
-        device = local[0].device if local else torch.device("cpu")
-        pair = scratch[_NONFINITE] = (torch.zeros((), device=device), torch.ones((), device=device))
-    found, one = pair
-    found.zero_()
+    scalars are made once per runtime (``scratch``) and reused; the flag is only zeroed
+    when it may hold a 1 (``_found_clear`` marks it read as 0)."""
+    # plain tensors as they are, DTensors' local parts (a mixed list is fine)
+    local = [g if type(g) is torch.Tensor else local_part(g) for g in grads]
+    flag = scratch.get(_NONFINITE)
+    if flag is None:
+        flag = scratch[_NONFINITE] = _Found(local[0].device if local else torch.device("cpu"))
+    found = flag.found
+    if not flag.clear:
+        found.zero_()
+    flag.clear = False  # from here on, until read as 0
     if local:
-        torch._amp_foreach_non_finite_check_and_unscale_(local, found, one)
+        torch._amp_foreach_non_finite_check_and_unscale_(local, found, flag.one)
     return found
+
+
+def _found_clear(scratch: dict[Any, Any]) -> None:
+    """Marks the non-finite flag as read 0 on the host: the next check needs no zeroing."""
+    scratch[_NONFINITE].clear = True
 
 
 def _update_base(state: TrainState, grads: dict[str, torch.Tensor]) -> TrainState:
@@ -523,7 +564,12 @@ def _update_base(state: TrainState, grads: dict[str, torch.Tensor]) -> TrainStat
     # The one host read of a step: whether to update. A skipped update changes nothing but
     # the data position and the counter (see TrainState.create's max_consecutive_skips).
     bad = _nonfinite(glist, rt.extras)
-    finite = sharded.agree(state, grads, bad) if sharded is not None else not bool(bad)
+    if sharded is not None:
+        finite = sharded.agree(state, grads, bad)
+    else:
+        finite = not bool(bad)
+        if finite:
+            _found_clear(rt.extras)
     counter = state._transforms.get(_NONFINITE)
     if not finite:
         if counter is None:
