@@ -103,25 +103,33 @@ class Reducer(Handler):
 
 
 class _Stack:
-    """The installed handlers, innermost last, with a per-primitive cache of the ones
-    that override it (a handler that only passes a primitive on costs nothing)."""
+    """The installed handlers, innermost last, with a per-primitive cache of the chain of
+    the ones that override it (a handler that only passes a primitive on costs nothing).
 
-    __slots__ = ("handlers", "active", "reducers", "uses_backward")
+    The chains are built on a primitive's first dispatch under this stack and reused by
+    every later one (each micro-batch of ``accumulate``): no per-call allocation."""
+
+    __slots__ = ("handlers", "chains", "reducers", "uses_backward")
 
     def __init__(self, handlers: tuple[Handler, ...]):
         self.handlers = handlers
-        self.active: dict[str, list[Callable[..., Any]]] = {}
+        self.chains: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {}  # name -> (base, entry)
         self.reducers = tuple(h for h in handlers if h.reduces)
         self.uses_backward = any(h.uses_backward for h in handlers)
 
-    def for_primitive(self, name: str) -> list[Callable[..., Any]]:
-        methods = self.active.get(name)
-        if methods is None:
-            base = getattr(Handler, name)
-            methods = self.active[name] = [
-                getattr(h, name) for h in self.handlers if getattr(type(h), name) is not base
-            ]
-        return methods
+    def chain(self, name: str, base: Callable[..., Any]) -> Callable[..., Any]:
+        """What ``dispatch`` calls: the innermost overriding handler's method linked to
+        the ones outside it, ending in ``base``; ``base`` itself when none overrides."""
+        cached = self.chains.get(name)
+        if cached is not None and cached[0] is base:
+            return cached[1]
+        default = getattr(Handler, name)
+        entry = base
+        for h in self.handlers:  # outermost first: each link's next is the one built before
+            if getattr(type(h), name) is not default:
+                entry = _Link(getattr(h, name), entry)
+        self.chains[name] = (base, entry)
+        return entry
 
 
 _EMPTY = _Stack(())
@@ -153,28 +161,23 @@ def dispatch(name: str, base: Callable[..., Any], *args: Any) -> Any:
     stack = _HANDLERS.get()
     if not stack.handlers:
         return base(*args)
-    methods = stack.for_primitive(name)
-    if not methods:
-        return base(*args)
-    return _Next(methods, len(methods) - 1, base)(*args)
+    return stack.chain(name, base)(*args)
 
 
-class _Next:
-    """``next`` for the handler at ``i``: the handler outside it, or the base.
+class _Link:
+    """A handler's method bound to its ``next``: the link outside it, or the base.
 
-    A small object rather than a recursive closure, which would be a reference cycle
-    holding the primitive's arguments (tensors) until the garbage collector ran."""
+    Links hold no arguments (a recursive closure over them would be a reference cycle
+    holding the primitive's tensors until the garbage collector ran), so a stack builds
+    its chain once and every dispatch reuses it."""
 
-    __slots__ = ("methods", "i", "base")
+    __slots__ = ("method", "next")
 
-    def __init__(self, methods: list[Callable[..., Any]], i: int, base: Callable[..., Any]):
-        self.methods, self.i, self.base = methods, i, base
+    def __init__(self, method: Callable[..., Any], next: Callable[..., Any]):
+        self.method, self.next = method, next
 
     def __call__(self, *args: Any) -> Any:
-        i = self.i
-        if i < 0:
-            return self.base(*args)
-        return self.methods[i](*args, _Next(self.methods, i - 1, self.base))
+        return self.method(*args, self.next)
 
 
 # --- randomness -------------------------------------------------------------------------
@@ -214,13 +217,14 @@ class rng_salt:
 
 
 class rng_guard:
-    """Saves the global generator of ``device`` once and restores it on exit, so that the
-    ``apply`` calls inside (all of a step's micro-batches) only seed it."""
+    """Saves the global generator of ``device`` (or ``device``, a generator) once and
+    restores it on exit, so that the ``apply`` calls inside (all of a step's
+    micro-batches) only seed it."""
 
     __slots__ = ("gen", "saved", "token")
 
-    def __init__(self, device: torch.device):
-        self.gen = generator_for(device)
+    def __init__(self, device: torch.device | torch.Generator):
+        self.gen = device if isinstance(device, torch.Generator) else generator_for(device)
 
     def __enter__(self) -> None:
         self.saved = self.gen.get_state()

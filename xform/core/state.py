@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+import fractions
 from typing import Any, Callable, Mapping, Protocol
 
 import attrs
@@ -471,9 +472,19 @@ optree.register_pytree_node(TrainState, _flatten, _unflatten, namespace=NAMESPAC
 
 
 def _apply_gradients_base(state: TrainState, grads: dict[str, torch.Tensor], count: Any) -> TrainState:
-    if count is not None and count != 1:  # a sum over `count` items (see Reducer)
+    if not _is_unit(count):  # a sum over `count` items (see Reducer)
         torch._foreach_div_(list(grads.values()), count if isinstance(count, torch.Tensor) else float(count))
     return primitives.dispatch("update", _update_base, state, grads)
+
+
+def _is_unit(count: Any) -> bool:
+    """Whether gradients with this count need no division: None, 1, or Fraction(1)
+    (``Fraction.__eq__`` is slow; the common counts are told apart by type)."""
+    if count is None or (type(count) is int and count == 1):
+        return True
+    if type(count) is fractions.Fraction:
+        return count.numerator == 1 and count.denominator == 1
+    return count == 1 if not isinstance(count, torch.Tensor) else False
 
 
 class ShardedUpdate(Protocol):

@@ -41,7 +41,7 @@ class _Handler(Reducer):
         return self.micro == self.pieces - 1
 
     def value_and_grad(self, fn, params, has_aux, next):
-        if not (self.at_last_piece() and self.grads is not None and self._outer_overlaps()):
+        if self.grads is None or self.micro != self.pieces - 1 or not self._outer_overlaps():
             return next(fn, params, has_aux)
         # An outer reducer communicates each gradient as autograd produces it: fold the
         # sums of the earlier micro-batches into the gradients as they flow, so that what
@@ -104,11 +104,20 @@ def _fold(acc: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
 
 
 def _add_counts(a: Any, b: Any) -> Any:
-    if isinstance(a, fractions.Fraction) != isinstance(b, fractions.Fraction) and not (type(a) is int and a == 0):
+    if type(a) is int and a == 0:  # the first micro-batch
+        return b
+    if type(a) is fractions.Fraction and type(b) is fractions.Fraction:  # plain mean losses: cached sums
+        return _add_fractions(a, b)
+    if isinstance(a, fractions.Fraction) != isinstance(b, fractions.Fraction):
         raise ValueError(
             "accumulate: some micro-batches returned a plain loss and others an xf.Mean; "
             "return the same kind of loss from every micro-batch"
         )
+    return a + b
+
+
+@functools.lru_cache(maxsize=256)
+def _add_fractions(a: fractions.Fraction, b: fractions.Fraction) -> fractions.Fraction:
     return a + b
 
 
@@ -154,11 +163,14 @@ def accumulate(step: Callable[..., Any], steps: int):
         micro_batches = split_batch("accumulate", batch, steps)
         handler = _Handler(steps)
         metrics = []
-        with installed(handler), rng_guard(state._spec.device):
+        with installed(handler), rng_guard(state._runtime("accumulate").generator):
             for i, micro_batch in enumerate(micro_batches):
                 handler.micro, handler.calls = i, 0
                 with rng_salt(i):
-                    state, m = check_result("accumulate", step(state, micro_batch))
+                    out = step(state, micro_batch)
+                if not (type(out) is tuple and len(out) == 2 and type(out[0]) is TrainState):
+                    out = check_result("accumulate", out)
+                state, m = out
                 if handler.calls != 1:
                     raise RuntimeError(
                         f"accumulate: the step did not call state.apply_gradients on micro-batch {i}; "
