@@ -308,9 +308,9 @@ def _split_flat(batch: Any, k: int) -> list[Any] | None:
     if not all(type(t) is torch.Tensor and t.dim() > 0 for t in tensors):
         return None
     n = tensors[0].shape[0]
-    if n % k or any(t.shape[0] != n for t in tensors):
+    if n == 0 or n % k or any(t.shape[0] != n for t in tensors):
         return None
-    pieces = [t.split(n // k) for t in tensors]
+    pieces = [t.chunk(k) for t in tensors]  # k equal views (n divisible by k): chunk is split without its Python
     if type(batch) is dict:
         keys = list(batch)
         return [dict(zip(keys, [p[i] for p in pieces])) for i in range(k)]
@@ -328,9 +328,9 @@ def combine_metrics(metrics: list[Any]) -> Any:
                 out = out + m
             return out
         if isinstance(x, torch.Tensor):
-            total = xs[0].detach()
+            total = x.detach() if x.requires_grad else x  # value_and_grad's values come detached
             for t in xs[1:]:
-                total = total + t.detach()
+                total = total + (t.detach() if t.requires_grad else t)
             return total / len(xs) if x.is_floating_point() or x.is_complex() else total
         if isinstance(x, bool):
             return xs[-1]

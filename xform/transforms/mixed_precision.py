@@ -231,16 +231,17 @@ class _Handler(Handler):
         self.loss_scale = loss_scale
         self.scale: torch.Tensor | None = None
         self.calls = 0  # apply_gradients calls in this call of the step
+        self.compute, self.output = policy.compute_dtype, policy.output_dtype
+        self.cast_inputs = policy.compute_dtype == policy.param_dtype  # params stored in it: cast, no autocast
 
     def apply(self, state, params, args, kwargs, next):
-        device = state._runtime("xf.apply").device
-        if self.policy.compute_dtype == self.policy.param_dtype:
-            dtype = self.policy.compute_dtype
+        dtype = self.compute
+        if self.cast_inputs:
             out = next(state, params, _cast_floats(args, dtype), _cast_floats(kwargs, dtype))
         else:
-            with torch.autocast(device.type, dtype=self.policy.compute_dtype):
+            with torch.autocast(state._runtime("xf.apply").device.type, dtype=dtype):
                 out = next(state, params, args, kwargs)
-        return self.policy.cast_to_output(out)
+        return _cast_floats(out, self.output)
 
     def objective(self, loss: Mean, next):
         objective = next(loss)
