@@ -50,6 +50,17 @@ def _units(module: torch.nn.Module, choose: Any) -> list[torch.nn.Module]:
     return [m for n, m in module.named_modules() if n and choose(m) and not splits(n)]
 
 
+def _check_shardable(module: torch.nn.Module, strategy: FullyShard) -> None:
+    """Refuses, before anything is laid out, what FSDP2 would refuse half-way through
+    (after converting some units): a 0-dim parameter."""
+    for name, p in module.named_parameters():
+        if p.dim() == 0:
+            raise ValueError(
+                f"shard({strategy.name!r}): parameter {name!r} is 0-dim, which FSDP2 cannot shard; "
+                f"store it with shape (1,) (torch.nn.Parameter(torch.tensor([v]))) or use 'zero2'"
+            )
+
+
 def _fully_shard_units(module: torch.nn.Module, mesh: Any, strategy: FullyShard, policy: Any) -> None:
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
@@ -104,6 +115,7 @@ class FullyShardLayout:
         if group is None:
             return state
         _check_fresh(state)
+        _check_shardable(state.module, self.strategy)
         _broadcast_state(state, group)
         _fully_shard_units(state.module, self.dp_mesh(), self.strategy, self.policy)
         return _relaid(state)

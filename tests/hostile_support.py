@@ -1,0 +1,126 @@
+"""What tests/test_hostile.py runs in pool processes (importable by spawned workers):
+realistic combinations a user tries (frozen and unused parameters, 0-dim parameters,
+clipping with a NaN, a checkpoint resumed into another strategy, ...)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import xform as xf
+
+GLOBAL = 8
+
+
+class Net(torch.nn.Module):
+    """Two linears, a frozen one, a 0-dim scale and a branch taken only when asked."""
+
+    def __init__(self, frozen: bool = False, scalar: bool = False, branch: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = torch.nn.Linear(5, 6)
+        self.b = torch.nn.Linear(6, 3)
+        if frozen:
+            self.a.weight.requires_grad_(False)
+        self.scale = torch.nn.Parameter(torch.tensor(1.5)) if scalar else None
+        self.other = torch.nn.Linear(6, 3) if branch else None
+
+    def forward(self, x, use_other: bool = False):
+        h = torch.tanh(self.a(x))
+        out = self.other(h) if use_other else self.b(h)
+        return out * self.scale if self.scale is not None else out
+
+
+def step(state, batch):
+    def loss_fn(params):
+        return F.mse_loss(xf.apply(state, params, batch["x"]).float(), batch["y"]) * batch["mult"][0]
+
+    loss, grads = xf.value_and_grad(loss_fn)(state.params)
+    return state.apply_gradients(grads), {"loss": loss}
+
+
+def batches(n: int = 3, bad: tuple[int, ...] = (), value: float = math.nan) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for i in range(n):
+        mult = torch.full((GLOBAL,), value if i in bad else 1.0)
+        out.append({"x": torch.randn(GLOBAL, 5, generator=g), "y": torch.randn(GLOBAL, 3, generator=g), "mult": mult})
+    return out
+
+
+def world() -> tuple[int, int]:
+    return (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+
+
+def mine(batch):
+    size, rank = world()
+    n = GLOBAL // size
+    return {k: v[rank * n : (rank + 1) * n] for k, v in batch.items()}
+
+
+def full(state) -> dict[str, torch.Tensor]:
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().float().clone() for k, v in state.params.items()}
+
+
+def build(strategy: str | None, precision: str = "fp32", k: int = 1, **create: Any):
+    s = step
+    if precision != "fp32":
+        s = xf.mixed_precision(s, precision)
+    if k > 1:
+        s = xf.accumulate(s, k)
+    if strategy is not None:
+        mesh = xf.mesh(replicate=2, shard=world()[0] // 2) if strategy == "hsdp" else None
+        s = xf.shard(s, strategy, mesh=mesh)
+    return s
+
+
+def train(strategy: str | None, net: dict, *, precision: str = "fp32", k: int = 1, n: int = 3,
+          bad: tuple[int, ...] = (), value: float = math.nan, optimizer=torch.optim.AdamW, **create: Any):
+    """Trains ``Net(**net)`` on ``n`` global batches (this process's slice); returns the
+    full params, the step and the non-finite counters."""
+    s = build(strategy, precision, k)
+    state = xf.TrainState.create(Net(**net), optimizer=optimizer, lr=1e-2, **create)
+    state = getattr(s, "init", lambda x: x)(state)
+    for b in batches(n, bad, value):
+        state, _ = s(state, mine(b))
+    return {"params": full(state), "step": int(state.step), "nonfinite": dict(state.transforms.get("nonfinite", {}))}
+
+
+def phase(strategy: str | None, net: dict, *, load: str | None = None, save: str | None = None,
+          precision: str = "fp32", k: int = 1, start: int = 0, stop: int = 3, bad: tuple[int, ...] = (),
+          value: float = math.nan, **create: Any):
+    """Trains on global batches [start, stop), loading ``load`` first and saving to ``save``
+    after; returns what ``train`` returns plus the loss scale."""
+    s = build(strategy, precision, k)
+    state = xf.TrainState.create(Net(**net), optimizer=torch.optim.AdamW, lr=1e-2, **create)
+    state = getattr(s, "init", lambda x: x)(state)
+    if load:
+        state = xf.load(load, like=state)
+    for b in batches(stop, bad, value)[start:stop]:
+        state, _ = s(state, mine(b))
+    if save:
+        xf.save(state, save)
+    return {"params": full(state), "step": int(state.step), "nonfinite": dict(state.transforms.get("nonfinite", {})),
+            "scale": float(state.transforms["mixed_precision"]["scale"]) if "mixed_precision" in state.transforms else None}
+
+
+def zero3_scalar_error(strategy: str):
+    """Lays a model with a 0-dim parameter out for ``strategy``; returns the error and
+    whether the module was left untouched (no FSDP unit, params plain tensors)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    net = Net(scalar=True)
+    state = xf.TrainState.create(net, optimizer=torch.optim.SGD, lr=0.1)
+    try:
+        build(strategy).init(state)
+        text = "no error"
+    except Exception as e:  # noqa: BLE001
+        text = f"{type(e).__name__}: {e}"
+    untouched = not any(isinstance(m, FSDPModule) for m in net.modules()) and not any(
+        hasattr(p, "full_tensor") for p in net.parameters()
+    )
+    return text, untouched
