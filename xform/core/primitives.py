@@ -50,6 +50,7 @@ class Handler:
 
     reduces = False
     uses_backward = False  # take gradients with .backward() (module-hook based sharding)
+    _memo: "tuple[_Stack, _Stack] | None" = None  # (outer stack, own stack) of a reused handler
 
     def apply(self, state, params, args, kwargs, next):
         return next(state, params, args, kwargs)
@@ -109,10 +110,11 @@ class _Stack:
     The chains are built on a primitive's first dispatch under this stack and reused by
     every later one (each micro-batch of ``accumulate``): no per-call allocation."""
 
-    __slots__ = ("handlers", "chains", "reducers", "uses_backward")
+    __slots__ = ("handlers", "chains", "reducers", "uses_backward", "kept")
 
-    def __init__(self, handlers: tuple[Handler, ...]):
+    def __init__(self, handlers: tuple[Handler, ...], kept: bool = False):
         self.handlers = handlers
+        self.kept = kept  # every handler in it is reused across calls (see installed)
         self.chains: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {}  # name -> (base, entry)
         self.reducers = tuple(h for h in handlers if h.reduces)
         self.uses_backward = any(h.uses_backward for h in handlers)
@@ -132,20 +134,35 @@ class _Stack:
         return entry
 
 
-_EMPTY = _Stack(())
+_EMPTY = _Stack((), kept=True)
 _HANDLERS: contextvars.ContextVar[_Stack] = contextvars.ContextVar("xform_handlers", default=_EMPTY)
 
 
 class installed:
-    """Pushes ``handler`` for the duration of a transformed step's call."""
+    """Pushes ``handler`` for the duration of a transformed step's call.
 
-    __slots__ = ("handler", "token")
+    With ``reused=True`` (a transform that takes its handler from a pool and resets it
+    each call) the stack, with its chains, is kept on the handler and installed again
+    as long as the stack outside is the same and itself made of reused handlers: no
+    stack is allocated and no chain rebuilt per call, and a kept stack never holds a
+    per-call handler (nor the tensors it refers to) past its call."""
 
-    def __init__(self, handler: Handler):
+    __slots__ = ("handler", "token", "reused")
+
+    def __init__(self, handler: Handler, reused: bool = False):
         self.handler = handler
+        self.reused = reused
 
     def __enter__(self) -> None:
-        self.token = _HANDLERS.set(_Stack(_HANDLERS.get().handlers + (self.handler,)))
+        outer = _HANDLERS.get()
+        handler = self.handler
+        if not (self.reused and outer.kept):
+            self.token = _HANDLERS.set(_Stack(outer.handlers + (handler,)))
+            return
+        memo = handler._memo
+        if memo is None or memo[0] is not outer:
+            memo = handler._memo = (outer, _Stack(outer.handlers + (handler,), kept=True))
+        self.token = _HANDLERS.set(memo[1])
 
     def __exit__(self, *exc: Any) -> None:
         _HANDLERS.reset(self.token)

@@ -30,6 +30,12 @@ class _Handler(Reducer):
     def __init__(self, steps: int):
         super().__init__()
         self.pieces = steps
+        self.reset()
+
+    def reset(self) -> None:
+        """The state of a fresh call; also drops the last call's tensors (the handler is
+        reused across calls, see ``accumulate``)."""
+        self.pending = None
         self.micro = 0
         self.calls = 0  # apply_gradients calls seen in this micro-batch
         self.grads: list[torch.Tensor] | None = None
@@ -159,11 +165,21 @@ def accumulate(step: Callable[..., Any], steps: int):
     if steps == 1:
         return step
 
+    free: list[_Handler] = []  # a handler not in use, reused by the next call (none while one runs)
+
     def call(state: TrainState, batch: Any):
         micro_batches = split_batch("accumulate", batch, steps)
-        handler = _Handler(steps)
+        handler = free.pop() if free else _Handler(steps)  # atomic: a concurrent call makes its own
+        try:
+            return run(handler, state, micro_batches)
+        finally:
+            handler.reset()
+            if not free:
+                free.append(handler)
+
+    def run(handler: _Handler, state: TrainState, micro_batches: list[Any]):
         metrics = []
-        with installed(handler), rng_guard(state._runtime("accumulate").generator):
+        with installed(handler, reused=True), rng_guard(state._runtime("accumulate").generator):
             for i, micro_batch in enumerate(micro_batches):
                 handler.micro, handler.calls = i, 0
                 with rng_salt(i):

@@ -323,15 +323,24 @@ def mixed_precision(
             state = state.replace(transforms={**state.transforms, _KEY: value})
         return state
 
+    free: list[_Handler] = []  # a handler not in use, reused by the next call (none while one runs)
+
     def call(state: TrainState, batch: Any):
-        handler = _Handler(policy, loss_scale)
+        scale = None
         if scaled:
             value = state.transforms.get(_KEY)
             if value is None:
                 raise ValueError(_NO_INIT)
-            handler.scale = value["scale"]
-        with installed(handler):
-            return step(state, batch)
+            scale = value["scale"]
+        handler = free.pop() if free else _Handler(policy, loss_scale)  # atomic: a concurrent call makes its own
+        handler.scale, handler.calls = scale, 0
+        try:
+            with installed(handler, reused=True):
+                return step(state, batch)
+        finally:
+            handler.scale = None  # hold no tensor between calls
+            if not free:
+                free.append(handler)
 
     return wrap(
         step, call, init,
