@@ -356,7 +356,7 @@ class TrainState:
         unscales and skips the update on overflow, ``shard`` communicates.
         """
         self._alive("TrainState.apply_gradients")
-        if not isinstance(grads, Mapping):
+        if type(grads) is not dict and not isinstance(grads, Mapping):  # the ABC check only off the common path
             raise TypeError(
                 f"TrainState.apply_gradients: grads must be a dict of parameter name to tensor, "
                 f"got {type(grads).__name__}"
