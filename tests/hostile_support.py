@@ -124,3 +124,61 @@ def zero3_scalar_error(strategy: str):
         hasattr(p, "full_tensor") for p in net.parameters()
     )
     return text, untouched
+
+
+def managed(strategy: str | None, directory: str, keep: int):
+    """Saves through a CheckpointManager after every update of batches with a NaN in the
+    second (a skipped update: the step does not advance, so its save replaces the same
+    ``step_N``); returns the listed names and the restored step and data position."""
+    s = build(strategy)
+    state = getattr(s, "init", lambda x: x)(xf.TrainState.create(Net(), optimizer=torch.optim.AdamW, lr=1e-2))
+    manager = xf.CheckpointManager(directory, keep=keep)
+    for b in batches(4, bad=(1,)):
+        state, _ = s(state, mine(b))
+        manager.save(state)
+    fresh = getattr(s, "init", lambda x: x)(xf.TrainState.create(Net(), optimizer=torch.optim.AdamW, lr=1e-2))
+    back = manager.restore(like=fresh)
+    same = all(torch.equal(a, b) for a, b in zip(full(back).values(), full(state).values()))
+    return [p.name for p in manager.checkpoints()], int(back.step), dict(back.data), same
+
+
+class Routed(torch.nn.Module):
+    """An expert used only by the rows that ask for it (a data-dependent branch: a
+    process whose slice has no such row never runs it, so its hooks never fire there)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = torch.nn.Linear(5, 6)
+        self.b = torch.nn.Linear(6, 3)
+        self.expert = torch.nn.Linear(6, 3)
+
+    def forward(self, x, route):
+        h = torch.tanh(self.a(x))
+        out = self.b(h)
+        if bool(route.any()):
+            out = out + self.expert(h) * route[:, None]
+        return out
+
+
+def routed_step(state, batch):
+    def loss_fn(params):
+        return F.mse_loss(xf.apply(state, params, batch["x"], batch["route"]).float(), batch["y"])
+
+    loss, grads = xf.value_and_grad(loss_fn)(state.params)
+    return state.apply_gradients(grads), {"loss": loss}
+
+
+def routed(strategy: str | None, precision: str = "fp32", n: int = 3, k: int = 1):
+    """Trains ``Routed`` on batches whose first rows (rank 0's slice) alone take the expert."""
+    s = routed_step if precision == "fp32" else xf.mixed_precision(routed_step, precision)
+    s = xf.accumulate(s, k) if k > 1 else s
+    if strategy is not None:
+        s = xf.shard(s, strategy)
+    state = xf.TrainState.create(Routed(), optimizer=torch.optim.AdamW, lr=1e-2)
+    state = getattr(s, "init", lambda x: x)(state)
+    for b in batches(n):
+        route = torch.zeros(GLOBAL)
+        route[:2] = 1.0
+        state, _ = s(state, mine({**b, "route": route}))
+    return {"params": full(state), "step": int(state.step), "nonfinite": dict(state.transforms.get("nonfinite", {}))}
