@@ -182,3 +182,13 @@ def routed(strategy: str | None, precision: str = "fp32", n: int = 3, k: int = 1
         route[:2] = 1.0
         state, _ = s(state, mine({**b, "route": route}))
     return {"params": full(state), "step": int(state.step), "nonfinite": dict(state.transforms.get("nonfinite", {}))}
+
+
+def save_onto(path: str):
+    """``xf.save`` onto ``path`` (which may hold a user's files); the error, or "saved"."""
+    state = xf.TrainState.create(Net(), optimizer=torch.optim.SGD, lr=0.1)
+    try:
+        xf.save(state, path)
+    except Exception as e:  # noqa: BLE001
+        return f"{type(e).__name__}: {e}"
+    return "saved"

@@ -58,3 +58,33 @@ def test_an_expert_only_one_process_uses_is_reduced_with_the_rest(pool2, strateg
     whose rows never take the branch (DDP's find_unused_parameters case): the hang ends in
     the pool's timeout, or the expert's gradient is rank 0's alone."""
     _assert_equal_to_one_process(pool2.run(sup.routed, strategy), sup.routed(None))
+
+
+def test_save_never_replaces_what_is_not_a_checkpoint(tmp_path):
+    """Catches ``xf.save(state, path)`` deleting whatever ``path`` held: a directory of the
+    user's own files (``xf.save(state, "data")``, ``xf.save(state, ".")``) or a file was
+    swapped out and removed like an old checkpoint. An empty directory (made beforehand)
+    and an earlier checkpoint are replaced as before."""
+    mine = tmp_path / "mydata"
+    mine.mkdir()
+    (mine / "precious.txt").write_text("x")
+    (tmp_path / "notes.txt").write_text("y")
+    for target in (mine, tmp_path / "notes.txt"):
+        text = sup.save_onto(str(target))
+        assert text.startswith(f"ValueError: xf.save: {target} exists and is not an xform checkpoint"), text
+    assert (mine / "precious.txt").read_text() == "x" and (tmp_path / "notes.txt").read_text() == "y"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mydata", "notes.txt"]  # no temporary left
+    (tmp_path / "empty").mkdir()
+    assert sup.save_onto(str(tmp_path / "empty")) == "saved"
+    assert sup.save_onto(str(tmp_path / "empty")) == "saved"  # a checkpoint is replaced
+
+
+def test_save_onto_a_foreign_directory_raises_on_every_process(pool2, tmp_path):
+    """Catches rank 0 refusing the path while the other processes went on into the save's
+    barrier (a hang): the verdict travels with the temporary directory's name."""
+    mine = tmp_path / "mydata"
+    mine.mkdir()
+    (mine / "precious.txt").write_text("x")
+    for text in pool2.run(sup.save_onto, str(mine)):
+        assert text.startswith(f"ValueError: xf.save: {mine} exists and is not an xform checkpoint"), text
+    assert [p.name for p in mine.iterdir()] == ["precious.txt"]

@@ -269,11 +269,14 @@ def save(state: TrainState, path: str | os.PathLike, *, async_save: bool = False
 def _shared_tmp(path: Path, rank: int, world: int) -> Path:
     """A temporary directory beside ``path``, the same on every process. Rank 0 first
     removes what interrupted saves to ``path`` left there."""
-    name = [f".{path.name}.tmp-{_own()}-{uuid.uuid4().hex[:8]}"]
+    # Rank 0's verdict on ``path`` travels with the name, so every process raises together.
+    name = [f".{path.name}.tmp-{_own()}-{uuid.uuid4().hex[:8]}", _foreign(path) if rank == 0 else None]
     if world > 1:
         import torch.distributed as dist
 
         dist.broadcast_object_list(name, src=0)
+    if name[1] is not None:
+        raise ValueError(name[1])
     tmp = path.parent / name[0]
     if rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -282,6 +285,19 @@ def _shared_tmp(path: Path, rank: int, world: int) -> Path:
         tmp.mkdir()
     _barrier(world)
     return tmp
+
+
+def _foreign(path: Path) -> str | None:
+    """Why ``save`` must not replace ``path`` (it holds something other than a checkpoint:
+    a file, or a non-empty directory without meta.json), or None."""
+    if not path.exists():
+        return None
+    if path.is_dir() and ((path / _META).is_file() or not any(path.iterdir())):
+        return None
+    return (
+        f"xf.save: {path} exists and is not an xform checkpoint (no {_META} in it), and saving would "
+        "replace it; pass a new or empty directory, or remove it first"
+    )
 
 
 def _remove_garbage(directory: Path, is_garbage) -> None:
