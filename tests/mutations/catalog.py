@@ -111,8 +111,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         name="plain_mean_loss_not_divided_by_the_number_of_pieces",
         path="xform/core/primitives.py",
-        find="return mean.total if pieces == 1 else mean.total / pieces",
-        replace="return mean.total",
+        find="return total if pieces == 1 else total / pieces",
+        replace="return total",
         tests=(f"{ACC}::test_accumulate_with_sgd_equals_the_full_batch_step",),
         bug="accumulate/shard: a plain mean loss is summed over micro-batches, k times too large "
         "a gradient (AdamW hides it)",

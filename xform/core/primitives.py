@@ -456,8 +456,12 @@ def _value_and_grad_base(fn, params, has_aux):
     else:
         loss, aux = out, None
     stack = _HANDLERS.get()
-    if type(loss) is torch.Tensor and not stack.handlers:  # the plain step: a scalar mean loss, nothing installed
+    if type(loss) is torch.Tensor and (
+        not stack.handlers or stack.chain("objective", _objective_base) is _objective_base
+    ):  # a scalar mean loss that no handler rescales: _objective_base's plain-mean case, without the Mean
         objective = _check_scalar(loss)
+        if stack.reducers:
+            objective = _per_piece(objective, stack.reducers)
     else:
         mean = loss if isinstance(loss, Mean) else Mean(_check_scalar(loss), 1)
         _check_scalar(mean.total)
@@ -490,19 +494,20 @@ def _objective_base(mean: Mean) -> torch.Tensor:
     reducers = _HANDLERS.get().reducers
     if not reducers:
         return mean.total if _is_one(mean.count) else mean.total / mean.count
-    if _is_one(mean.count):  # a plain mean loss: normalize by the number of pieces now
-        pieces = _pieces(reducers)
-        reducers[-1].pending = _fraction(pieces)
-        return mean.total if pieces == 1 else mean.total / pieces
+    if _is_one(mean.count):
+        return _per_piece(mean.total, reducers)
     reducers[-1].pending = mean.count
     return mean.total
 
 
-def _pieces(reducers: tuple[Reducer, ...]) -> int:
-    n = 1
+def _per_piece(total: torch.Tensor, reducers: tuple[Reducer, ...]) -> torch.Tensor:
+    """A plain mean loss under reducers: normalized by the number of pieces now, its
+    count (the fraction of the batch it stands for) recorded for ``apply_gradients``."""
+    pieces = 1
     for h in reducers:
-        n *= h.pieces
-    return n
+        pieces *= h.pieces
+    reducers[-1].pending = _fraction(pieces)
+    return total if pieces == 1 else total / pieces
 
 
 def _is_one(count: Any) -> bool:
