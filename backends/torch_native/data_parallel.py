@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from xform.core.optim import adopt_opt_state, build_optimizer, local_part, optimizer_step, placeholder_opt_state
 from xform.core.backend import cached, static
-from xform.core.primitives import Handler, Reducer
+from xform.core.primitives import Handler, Reducer, grad_hook
 from xform.core.state import TrainState
 from xform.core.strategies import Replicate, ZeRO
 
@@ -149,7 +149,7 @@ class _Comm:
 
     def install(self, params: dict[str, torch.Tensor]) -> None:
         for k in self.plan.names:
-            self.hooks.append(params[k].register_hook(functools.partial(self._hook, k)))
+            self.hooks.append(grad_hook(params[k], functools.partial(self._hook, k)))
 
     def remove(self) -> None:
         for h in self.hooks:

@@ -37,7 +37,9 @@ from xform.tree import NAMESPACE
 if TYPE_CHECKING:
     from xform.core.state import TrainState
 
-__all__ = ["Handler", "Reducer", "apply", "value_and_grad", "installed", "dispatch", "rng_salt", "rng_guard"]
+__all__ = [
+    "Handler", "Reducer", "apply", "value_and_grad", "installed", "dispatch", "rng_salt", "rng_guard", "grad_hook",
+]
 
 
 class Handler:
@@ -442,6 +444,50 @@ def value_and_grad(fn: Callable[..., Any], *, has_aux: bool = False) -> Callable
     return value_and_grad_fn
 
 
+# --- gradient hooks that also see unused params ------------------------------------------
+# Handlers that act on each gradient as autograd produces it (accumulate folds in the earlier
+# micro-batches' sums, shard fills its buckets) register through ``grad_hook``. Autograd runs
+# no hook for a parameter the loss does not use; ``value_and_grad``'s base then runs that
+# parameter's hooks, in order, on the zero gradient it reports, so a parameter unused by
+# one micro-batch or one process is treated exactly like a used one with a zero gradient.
+
+_HOOKS_ATTR = "_xform_grad_hooks"  # on the parameter, while hooks are registered: the tensor's own state
+
+
+class _GradHook:
+    """A hook registered by ``grad_hook``; ``remove()`` takes it off the tensor."""
+
+    __slots__ = ("handle", "param", "fn")
+
+    def __init__(self, handle: Any, param: torch.Tensor, fn: Callable[..., Any]):
+        self.handle, self.param, self.fn = handle, param, fn
+
+    def remove(self) -> None:
+        self.handle.remove()
+        fns = self.param.__dict__.get(_HOOKS_ATTR)
+        if fns is not None:
+            if self.fn in fns:
+                fns.remove(self.fn)
+            if not fns:
+                del self.param.__dict__[_HOOKS_ATTR]
+
+
+def grad_hook(param: torch.Tensor, fn: Callable[[torch.Tensor], Any]) -> _GradHook:
+    """``param.register_hook(fn)``, and ``fn`` also runs on the zero gradient that
+    ``value_and_grad`` reports for ``param`` when the loss does not use it."""
+    param.__dict__.setdefault(_HOOKS_ATTR, []).append(fn)
+    return _GradHook(param.register_hook(fn), param, fn)
+
+
+def _unused_grad(param: torch.Tensor) -> torch.Tensor:
+    g = torch.zeros_like(param)
+    for fn in list(param.__dict__.get(_HOOKS_ATTR, ())):
+        out = fn(g)
+        if out is not None:
+            g = out
+    return g
+
+
 def _value_and_grad_base(fn, params, has_aux):
     outer = _RNG.get()  # a fresh frame: the apply calls inside count from 0 (rng_salt(), inlined)
     token = _RNG.set(_RngFrame(outer.salt, outer.guarded) if outer else _RngFrame((), False))
@@ -485,7 +531,7 @@ def _value_and_grad_base(fn, params, has_aux):
         if objective.requires_grad:
             raise
         raise ValueError(_NO_GRAD_FN_ERROR) from None
-    grads = {k: (g if g is not None else torch.zeros_like(params[k])) for k, g in zip(names, found)}
+    grads = {k: (g if g is not None else _unused_grad(params[k])) for k, g in zip(names, found)}
     value = loss.detach() if isinstance(loss, (Mean, torch.Tensor)) else loss
     return ((value, aux) if has_aux else value), grads
 

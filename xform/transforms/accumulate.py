@@ -17,7 +17,7 @@ import torch
 
 from xform import tree
 from xform.core.mean import Mean
-from xform.core.primitives import Reducer, handlers, installed, rng_guard, rng_salt
+from xform.core.primitives import Reducer, grad_hook, handlers, installed, rng_guard, rng_salt
 from xform.core.state import TrainState
 from xform.core.transform import check_result, check_step, wrap
 
@@ -52,7 +52,7 @@ class _Handler(Reducer):
         # An outer reducer communicates each gradient as autograd produces it: fold the
         # sums of the earlier micro-batches into the gradients as they flow, so that what
         # it sends is the whole batch's gradient (and it sends only once).
-        hooks = [params[k].register_hook(functools.partial(_fold, acc)) for k, acc in zip(self.names, self.grads)]
+        hooks = [grad_hook(params[k], functools.partial(_fold, acc)) for k, acc in zip(self.names, self.grads)]
         self.folded = True
         try:
             return next(fn, params, has_aux)
