@@ -192,3 +192,22 @@ def save_onto(path: str):
     except Exception as e:  # noqa: BLE001
         return f"{type(e).__name__}: {e}"
     return "saved"
+
+
+class Augmented(torch.utils.data.Dataset):
+    """Example ``i`` is ``i`` plus a random augmentation drawn while fetching it."""
+
+    def __len__(self) -> int:
+        return 16
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.tensor(float(i)) + torch.rand(())
+
+
+def augmented_batches(n: int = 2) -> list[torch.Tensor]:
+    """This process's first ``n`` batches of a shuffled, augmented map-style dataset."""
+    import itertools
+
+    loader = xf.DataLoader(Augmented(), global_batch_size=GLOBAL, shuffle=True)
+    state = xf.TrainState.create(Net(), optimizer=torch.optim.SGD, lr=0.1, seed=3)
+    return list(itertools.islice(loader.iterate(state), n))
