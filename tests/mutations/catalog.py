@@ -217,4 +217,13 @@ MUTATIONS: tuple[Mutation, ...] = (
         tests=("tests/test_data_stream.py::test_ranks_get_disjoint_slices_whose_union_is_the_single_process_batch",),
         bug="DataLoader over an IterableDataset: every rank gets the first slice of each global batch",
     ),
+    Mutation(
+        name="unused_parameter_skips_its_hooks",
+        path="xform/core/primitives.py",
+        find="for fn in list(param.__dict__.get(_HOOKS_ATTR, ())):",
+        replace="for fn in ():",
+        tests=("tests/test_hostile.py::test_an_expert_used_only_by_an_earlier_micro_batch_keeps_its_gradient[replicate]",),
+        bug="shard(accumulate(f)): a parameter the last micro-batch does not use loses the earlier "
+        "micro-batches' gradient sums (a routed expert trains as if it had no gradient)",
+    ),
 )
