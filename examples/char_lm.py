@@ -90,6 +90,7 @@ def main() -> None:
         state = restored
         print(f"resumed from {manager.latest()} at step {state.step}")
     loader = xf.DataLoader(data, batch_size=args.batch_size, shuffle=True, drop_last=True)
+    state = loader.attach(state)  # a resume with another global batch size is refused
 
     while state.step < args.steps:
         for batch in loader.iterate(state):

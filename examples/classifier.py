@@ -68,6 +68,7 @@ def main() -> None:
         state = restored
         print(f"resumed from {manager.latest()} at step {state.step}")
     loader = xf.DataLoader(make_dataset(), batch_size=args.batch_size, shuffle=True)
+    state = loader.attach(state)  # a resume with another global batch size is refused
 
     while state.step < args.steps:
         for batch in loader.iterate(state):

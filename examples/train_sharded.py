@@ -73,6 +73,7 @@ def main() -> None:
         if rt.is_main_process:
             print(f"resumed {manager.latest()} at step {state.step} on {rt.world_size} process(es)")
     loader = xf.DataLoader(dataset(), global_batch_size=args.global_batch, shuffle=True)
+    state = loader.attach(state)  # a resume with another global batch size is refused
 
     while state.step < args.steps:
         for batch in loader.iterate(state):
