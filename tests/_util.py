@@ -55,6 +55,20 @@ def token_step(state, batch):
     return state.apply_gradients(grads), {"loss": loss}
 
 
+def scaled_step(state, b):
+    """``step`` with the loss multiplied by ``b["mult"]``: a huge one overflows the grads, a NaN poisons them."""
+
+    def loss_fn(p):
+        return F.cross_entropy(xf.apply(state, p, b["x"]), b["y"]) * b["mult"]
+
+    loss, grads = xf.value_and_grad(loss_fn)(state.params)
+    return state.apply_gradients(grads), {"loss": loss}
+
+
+def good(seed: int = 0) -> dict[str, torch.Tensor]:
+    return {**batch(seed=seed), "mult": torch.tensor(1.0)}
+
+
 def init(step_fn, state):
     """``step_fn.init(state)`` when the step has one (a plain step does not)."""
     return getattr(step_fn, "init", lambda s: s)(state)

@@ -8,23 +8,11 @@ import torch.nn.functional as F
 import xform as xf
 from xform.testing import assert_states_close
 
-from _util import batch, init, make_state, run, step
+from _util import batch, good, init, make_state, run, scaled_step, step
 
 BATCHES = [batch(seed=s) for s in range(3)]
 
 
-def scaled_step(state, b):
-    """``step`` with the loss multiplied by ``b["mult"]``: a huge one overflows the grads."""
-
-    def loss_fn(p):
-        return F.cross_entropy(xf.apply(state, p, b["x"]), b["y"]) * b["mult"]
-
-    loss, grads = xf.value_and_grad(loss_fn)(state.params)
-    return state.apply_gradients(grads), {"loss": loss}
-
-
-def good(seed=0):
-    return {**batch(seed=seed), "mult": torch.tensor(1.0)}
 
 
 def bad(seed=0):
@@ -277,7 +265,6 @@ def _tiny_gpt2():
 def test_a_hugging_face_model_output_is_cast_to_the_output_dtype():
     """Catches a ``ModelOutput`` (an OrderedDict subclass the pytree sees as a leaf)
     returned uncast under bf16: ``out.logits`` stayed bfloat16 while a tuple was cast."""
-    pytest.importorskip("transformers")
     state = xf.TrainState.create(_tiny_gpt2(), optimizer=torch.optim.AdamW, lr=1e-3)
     ids = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
     seen = []

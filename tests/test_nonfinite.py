@@ -17,19 +17,9 @@ import torch.nn.functional as F
 import xform as xf
 from xform.testing import assert_states_close
 
-from _util import batch, init, make_state
+from _util import batch, good, init, make_state, scaled_step
 
 
-def scaled_step(state, b):
-    def loss_fn(p):
-        return F.cross_entropy(xf.apply(state, p, b["x"]), b["y"]) * b["mult"]
-
-    loss, grads = xf.value_and_grad(loss_fn)(state.params)
-    return state.apply_gradients(grads), {"loss": loss}
-
-
-def good(seed=0):
-    return {**batch(seed=seed), "mult": torch.tensor(1.0)}
 
 
 def nan(seed=0):
