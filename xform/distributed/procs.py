@@ -28,6 +28,8 @@ def _worker(rank: int, world: int, store_path: str, timeout_s: float, inbox, out
     import torch
     import torch.distributed as dist
 
+    from xform.distributed.runtime import destroy_group
+
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"file://{store_path}", rank=rank, world_size=world,
@@ -44,7 +46,7 @@ def _worker(rank: int, world: int, store_path: str, timeout_s: float, inbox, out
             except BaseException as e:  # noqa: BLE001 - reported to the parent
                 outbox.put((rank, False, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
     finally:
-        dist.destroy_process_group()
+        destroy_group()  # with time for gloo's threads to finish before exit
 
 
 class ProcessPool:

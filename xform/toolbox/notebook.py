@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from xform.core.group import group_up
+from xform.distributed.runtime import destroy_group
 
 __all__ = ["notebook_launcher"]
 
@@ -103,7 +104,7 @@ def _child(fn, args, kwargs, rank, nproc, store, backend, timeout_s, forked, q) 
         sys.stdout, sys.stderr = out, err
         if dist.is_initialized():
             try:
-                dist.destroy_process_group()  # gloo may abort at exit otherwise
+                destroy_group()  # gloo may abort at exit otherwise
             except Exception:  # noqa: BLE001
                 pass
         q.close()
