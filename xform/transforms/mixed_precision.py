@@ -22,6 +22,7 @@ from xform.core.optim import local_part
 from xform.core.primitives import Handler, installed
 from xform.core.state import TrainState
 from xform.core.transform import check_step, transforms_of, wrap
+from xform.transforms.fp8 import Float8, convert as convert_to_fp8
 
 __all__ = ["Policy", "NoOpLossScale", "StaticLossScale", "DynamicLossScale", "mixed_precision"]
 
@@ -268,7 +269,11 @@ class _Handler(Handler):
 
 
 def mixed_precision(
-    step: Callable[..., Any], policy: "str | Policy" = "bf16", *, loss_scale: LossScale | None = None
+    step: Callable[..., Any],
+    policy: "str | Policy" = "bf16",
+    *,
+    loss_scale: LossScale | None = None,
+    fp8: "Float8 | None" = None,
 ):
     """Runs ``step`` with its forward pass in a lower precision.
 
@@ -284,6 +289,12 @@ def mixed_precision(
             lives in ``state.transforms["mixed_precision"]``. An update whose unscaled
             gradients are not finite is skipped: params and ``state.step`` stay, the
             scale shrinks, the data position advances.
+        fp8: train the large ``nn.Linear`` layers in float8 through torchao
+            (``xf.Float8(...)``: which layers, tensorwise or rowwise scaling); the rest
+            computes in bf16. ``policy="fp8"`` is ``"bf16"`` with ``fp8=xf.Float8()``.
+            ``step.init`` swaps the chosen layers for torchao's ``Float8Linear`` (the
+            params keep their names and fp32 master values). Put it inside ``shard``.
+            See docs/fp8.md.
 
     ``mixed_precision(step, "fp32") is step``.
 
@@ -299,7 +310,11 @@ def mixed_precision(
         (1, torch.float32)
     """
     check_step("mixed_precision", step)
+    if isinstance(policy, str) and policy.strip().lower() == "fp8":
+        policy, fp8 = "bf16", Float8() if fp8 is None else fp8
     policy = Policy.parse(policy)
+    if fp8 is not None:
+        _check_fp8(step, policy, fp8, loss_scale)
     if loss_scale is None:
         loss_scale = DynamicLossScale() if policy.compute_dtype == torch.float16 else NoOpLossScale()
     if not isinstance(loss_scale, (NoOpLossScale, StaticLossScale, DynamicLossScale)):
@@ -321,6 +336,8 @@ def mixed_precision(
         if scaled and _KEY not in state.transforms:
             value = loss_scale.initial(state._runtime("mixed_precision.init").device)
             state = state.replace(transforms={**state.transforms, _KEY: value})
+        if fp8 is not None:
+            state = convert_to_fp8(state, fp8)
         return state
 
     free: list[_Handler] = []  # a handler not in use, reused by the next call (none while one runs)
@@ -344,6 +361,27 @@ def mixed_precision(
 
     return wrap(
         step, call, init,
-        name="mixed_precision", policy=policy, loss_scale=loss_scale,
+        name="mixed_precision", policy=policy, loss_scale=loss_scale, fp8=fp8,
     )
+
+
+def _check_fp8(step: Any, policy: Policy, fp8: Any, loss_scale: Any) -> None:
+    """Refuses fp8 settings that cannot mean what they say (see docs/fp8.md)."""
+    if not isinstance(fp8, Float8):
+        raise TypeError(f"mixed_precision: fp8 must be an xf.Float8(...) or None, got {fp8!r}")
+    if policy.param_dtype != torch.float32 or policy.compute_dtype != torch.bfloat16:
+        raise ValueError(
+            f"mixed_precision: fp8 trains Linear layers in float8 beside bf16 compute with float32 master "
+            f"weights, got the policy {policy}; use mixed_precision(step, 'fp8') or policy 'bf16' with fp8=..."
+        )
+    if loss_scale is not None and not isinstance(loss_scale, NoOpLossScale):
+        raise ValueError(
+            f"mixed_precision: fp8 takes no loss scale (each fp8 cast has its own dynamic scale, and the rest "
+            f"computes in bf16), got loss_scale={loss_scale!r}; drop loss_scale, or use 'fp16' for loss scaling"
+        )
+    if "shard" in transforms_of(step):
+        raise ValueError(
+            "mixed_precision: fp8 converts the module's Linear layers, which must happen before shard lays "
+            "them out; nest it inside: shard(mixed_precision(step, 'fp8'), 'zero3')"
+        )
 
