@@ -40,6 +40,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("config", "xform.cli._config"),
     Command("estimate-memory", "xform.cli._estimate"),
     Command("launch", "xform.cli._launch"),
+    Command("plan", "xform.cli._plan"),
 )
 
 _EPILOG = "Run 'xform <command> --help' for a command's options."
