@@ -15,6 +15,7 @@ from xform.distributed.runtime import DistributedError
 from xform.core.mean import Mean
 from xform.toolbox.memory import MemoryEstimate, estimate_memory, measure_activations
 from xform.toolbox.plan import plan
+from xform.transforms.offload import offload
 from xform.transforms.mixed_precision import DynamicLossScale, NoOpLossScale, Policy, StaticLossScale, mixed_precision
 from xform.toolbox.monitor import Monitor
 from xform.toolbox.notebook import notebook_launcher
@@ -80,6 +81,7 @@ __all__ = [
     "mesh",
     "mixed_precision",
     "notebook_launcher",
+    "offload",
     "plan",
     "profile",
     "progress",
