@@ -10,6 +10,7 @@ from xform.transforms.accumulate import accumulate
 from xform.toolbox.batch_size import find_executable_batch_size
 from xform.checkpoint import CheckpointError, CheckpointManager, load, save
 from xform.transforms.configure import configure, launch_config
+from xform.transforms.jit import JitError, JittedStep, jit
 from xform.data import DataLoader, PadCollate
 from xform.distributed.runtime import DistributedError
 from xform.core.mean import Mean
@@ -45,6 +46,8 @@ __all__ = [
     "CheckpointManager",
     "DataLoader",
     "DistributedError",
+    "JitError",
+    "JittedStep",
     "PadCollate",
     "DonatedStateError",
     "DynamicLossScale",
@@ -74,6 +77,7 @@ __all__ = [
     "distributed",
     "estimate_memory",
     "find_executable_batch_size",
+    "jit",
     "launch_config",
     "load",
     "make_tracker",

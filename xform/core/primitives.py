@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Handler", "Reducer", "apply", "value_and_grad", "installed", "dispatch", "rng_salt", "rng_guard", "grad_hook",
+    "Trace", "tracing",
 ]
 
 
@@ -134,6 +135,25 @@ class _Stack:
                 entry = _Link(getattr(h, name), entry)
         self.chains[name] = (base, entry)
         return entry
+
+
+class Trace:
+    """What ``xf.jit`` records while it traces a step (see ``tracing``): the
+    "gradient not finite" flag of each update, so that the update becomes a select on
+    the device instead of a host read, and the compiled step returns the flag."""
+
+    __slots__ = ("flags",)
+
+    def __init__(self) -> None:
+        self.flags: list[torch.Tensor] = []
+
+
+_TRACING: contextvars.ContextVar[Trace | None] = contextvars.ContextVar("xform_tracing", default=None)
+
+
+def tracing() -> Trace | None:
+    """The ``Trace`` of the step ``xf.jit`` is tracing now, or None (eager)."""
+    return _TRACING.get()
 
 
 _EMPTY = _Stack((), kept=True)

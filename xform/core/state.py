@@ -571,6 +571,9 @@ def _update_base(state: TrainState, grads: dict[str, torch.Tensor]) -> TrainStat
     spec = state._spec
     rt = state._runtime("TrainState.apply_gradients")
     sharded = _SHARDED.get()
+    trace = primitives.tracing()
+    if trace is not None and sharded is None:
+        return _traced_update(state, grads, trace)
     glist = [grads[k] for k in spec.trainable]
     # The one host read of a step: whether to update. A skipped update changes nothing but
     # the data position and the counter (see TrainState.create's max_consecutive_skips).
@@ -604,6 +607,39 @@ def _update_base(state: TrainState, grads: dict[str, torch.Tensor]) -> TrainStat
         transforms = {**state._transforms, _NONFINITE: {**counter, "consecutive": 0}}
         return state.successor(updated=True, opt_state=opt_state, transforms=transforms)
     return state.successor(updated=True, opt_state=opt_state)
+
+
+def _traced_update(state: TrainState, grads: dict[str, torch.Tensor], trace: "primitives.Trace") -> TrainState:
+    """The base ``update`` while ``xf.jit`` traces the step: no host read. The update
+    always runs and a select on the device (``torch.where`` on the non-finite flag) keeps
+    the old params and optimizer state when the gradient was not finite; the flag goes
+    to ``trace`` and ``xf.jit`` does the host bookkeeping (``step``, the skip counters)
+    after the compiled step returns. The optimizer state must be initialized (``xf.jit``
+    runs a state's first update eagerly)."""
+    spec = state._spec
+    rt = state._runtime("TrainState.apply_gradients")
+    glist = [grads[k] for k in spec.trainable]
+    bad = _nonfinite(glist, rt.extras)
+    trace.flags.append(bad)
+    opt_state = state._opt_state
+    if rt.optimizer is None:
+        rt.optimizer = build_optimizer(spec.optimizer, spec.trainable, state._params, opt_state)
+    params = [state._params[k] for k in spec.trainable]
+    kept = params + [v for k in spec.trainable for v in opt_state["state"][k].values() if isinstance(v, torch.Tensor)]
+    groups = [g for g in rt.optimizer.param_groups if g.get("capturable") is False]
+    with torch.no_grad():
+        old = [t.detach().clone() for t in kept]
+        for g in groups:  # bias corrections from the step tensors on the device, not with .item()
+            g["capturable"] = True
+        try:
+            optimizer_step(state, rt.optimizer, params, glist)
+        finally:
+            for g in groups:
+                g["capturable"] = False
+        ok = bad == 0
+        for t, o in zip(kept, old):
+            t.copy_(torch.where(ok, t, o))
+    return state.successor(updated=True)
 
 
 def _owner(module: torch.nn.Module, dotted: str) -> tuple[torch.nn.Module, str]:
