@@ -9,6 +9,7 @@ from xform import distributed, tree
 from xform.transforms.accumulate import accumulate
 from xform.toolbox.batch_size import find_executable_batch_size
 from xform.checkpoint import CheckpointError, CheckpointManager, load, save
+from xform.inference import DeviceMap, device_map, dispatch, init_empty, load_weights, save_sharded
 from xform.transforms.configure import configure, launch_config
 from xform.transforms.jit import JitError, JittedStep, jit
 from xform.data import DataLoader, PadCollate
@@ -45,6 +46,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointManager",
     "DataLoader",
+    "DeviceMap",
     "DistributedError",
     "JitError",
     "JittedStep",
@@ -74,12 +76,16 @@ __all__ = [
     "accumulate",
     "apply",
     "configure",
+    "device_map",
+    "dispatch",
     "distributed",
     "estimate_memory",
     "find_executable_batch_size",
+    "init_empty",
     "jit",
     "launch_config",
     "load",
+    "load_weights",
     "make_tracker",
     "measure_activations",
     "mesh",
@@ -90,6 +96,7 @@ __all__ = [
     "profile",
     "progress",
     "save",
+    "save_sharded",
     "shard",
     "to_host",
     "tree",
