@@ -164,10 +164,53 @@ def test_dropout_is_deterministic_per_position():
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="xf.jit: backend must be one of"):
         xf.jit(scaled_step, backend="tensorrt")
-    with pytest.raises(ValueError, match="xf.jit: a step under shard is not supported"):
-        xf.jit(xf.shard(scaled_step, strategy="replicate"))
+    with pytest.raises(ValueError, match=r"xf.jit: shard\(strategy=.*\) is not supported yet, only 'replicate'"):
+        xf.jit(xf.shard(scaled_step, strategy="zero2"))
     fast = xf.jit(scaled_step, backend="aot_eager")
     state, _ = fast(make_state(lr=lambda step: 0.1 / (1 + step)), good(0))
     with pytest.raises(ValueError, match="xf.jit: a learning-rate schedule"):
         fast(state, good(1))
     assert xf.jit(fast) is fast
+
+
+# --- shard("replicate"): run in two gloo processes ----------------------------------------
+
+
+def _replicate_run(k: int):
+    """On each process: the jitted and the eager shard(accumulate(step, k), "replicate")
+    from the same state on this process's half of the same global batches (one NaN)."""
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(1)
+    wrapped = xf.shard(xf.accumulate(scaled_step, k), "replicate")
+    backend = counting("aot_eager")
+    fast = xf.jit(wrapped, backend=backend)
+    state = wrapped.init(make_state(optimizer=torch.optim.SGD, lr=0.1, momentum=0.9))
+    eager = state.copy()
+    out = []
+    for i, b in enumerate([good(0), good(1), nan(2), good(3)]):
+        n = b["x"].shape[0] // world
+        mine = {**b, "x": b["x"][rank * n : (rank + 1) * n], "y": b["y"][rank * n : (rank + 1) * n]}
+        state, m = fast(state, mine)
+        eager, me = wrapped(eager, mine)
+        out.append((state.step, eager.step, float(m["loss"]), float(me["loss"])))
+    same = all(torch.equal(state.params[k], eager.params[k]) for k in state.params)
+    params = {k: v.detach().clone() for k, v in state.params.items()}
+    return out, same, fast.compilations, backend.graphs, params
+
+
+def test_replicate_jitted_equals_replicate_eager_in_two_processes():
+    """Catches the gradient all-reduce missing from the compiled graph (each process would
+    train on its half: params differ between processes and from eager), a sum not divided
+    by the world size, the NaN of one step reaching the params, and a recompilation per
+    step. SGD with momentum; accumulate(2) inside shard, as the common path nests them."""
+    from xform.distributed.procs import ProcessPool
+
+    with ProcessPool(2, timeout_s=300) as pool:
+        results = pool.run(_replicate_run, 2)
+    for out, same, compilations, graphs, _ in results:
+        assert same and compilations == 1 and graphs == 1
+        assert [o[0] for o in out] == [o[1] for o in out] == [1, 2, 2, 3]
+    (_, _, _, _, p0), (_, _, _, _, p1) = results
+    assert all(torch.equal(p0[k], p1[k]) for k in p0)

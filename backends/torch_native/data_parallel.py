@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from xform.core.optim import adopt_opt_state, build_optimizer, local_part, optimizer_step, placeholder_opt_state
 from xform.core.backend import cached, static
-from xform.core.primitives import Handler, Reducer, grad_hook
+from xform.core.primitives import Handler, Reducer, grad_hook, tracing
 from xform.core.state import TrainState
 from xform.core.strategies import Replicate, ZeRO
 
@@ -188,6 +188,8 @@ class _Comm:
             i = self.next
             if self.scattered[i]:
                 self.works[i] = _reduce_scatter(self.outs[i], self.bufs[i], group=self.group, async_op=True)
+            elif tracing() is not None:  # xf.jit traces the step: a collective the graph can hold
+                self.works[i] = _TracedAllReduce(self.bufs[i], self.group)
             else:
                 self.works[i] = dist.all_reduce(self.bufs[i], group=self.group, async_op=True)
             self.next += 1
@@ -203,6 +205,25 @@ class _Comm:
             w.wait()
         self.bufs = [None if sc else b for b, sc in zip(self.bufs, self.scattered)]
         return {k: self.grads[k] for k in self.plan.names}
+
+
+class _TracedAllReduce:
+    """The bucket's all-reduce while ``xf.jit`` traces the step: a functional collective
+    (``_c10d_functional.all_reduce``, which a compiled graph holds), written back into the
+    bucket at ``wait`` so the gradient views of the bucket read the sum, as after an
+    in-place ``dist.all_reduce``."""
+
+    def __init__(self, buf: torch.Tensor, group: Any):
+        from torch.distributed import _functional_collectives as funcol
+
+        self.buf, self.funcol = buf, funcol
+        self.out = funcol.all_reduce(buf, "sum", group)
+
+    def is_completed(self) -> bool:
+        return False
+
+    def wait(self) -> None:
+        self.buf.copy_(self.funcol.wait_tensor(self.out))
 
 
 class DataParallel:

@@ -572,7 +572,8 @@ def _update_base(state: TrainState, grads: dict[str, torch.Tensor]) -> TrainStat
     rt = state._runtime("TrainState.apply_gradients")
     sharded = _SHARDED.get()
     trace = primitives.tracing()
-    if trace is not None and sharded is None:
+    if trace is not None and (sharded is None or (getattr(sharded, "whole", False) and sharded.run is None)):
+        # (gradients all-reduced whole are the same on every process, so is their flag)
         return _traced_update(state, grads, trace)
     glist = [grads[k] for k in spec.trainable]
     # The one host read of a step: whether to update. A skipped update changes nothing but

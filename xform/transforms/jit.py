@@ -33,6 +33,7 @@ import torch
 
 from xform.core import primitives
 from xform.core.state import TrainState, _NONFINITE, _TOO_MANY_SKIPS
+from xform.core.strategies import Replicate
 from xform.core.transform import check_result, check_step, init_of, transforms_of
 from xform.tree import NAMESPACE
 
@@ -288,7 +289,10 @@ def jit(step: Callable[..., Any], *, backend: Any = "inductor", mode: str | None
             ``"aot_eager"`` (the traced graph run op by op: for checking), or a callable.
         mode: ``torch.compile``'s mode (``"max-autotune"``, ``"reduce-overhead"``, ...).
 
-    Limits: not under ``shard`` yet, no learning-rate schedule (a host value per step),
+    Under ``shard("replicate")`` each process compiles its step, the gradient
+    all-reduce included (a functional collective in the graph; its buckets as eager).
+
+    Limits: no other ``shard`` strategy yet, no learning-rate schedule (a host value per step),
     no fp16 loss scaling; the step may not read tensor values on the host. Dropout is
     deterministic per ``(state.rng, data position)`` but draws other masks than the eager step.
 
@@ -311,11 +315,11 @@ def jit(step: Callable[..., Any], *, backend: Any = "inductor", mode: str | None
         raise ValueError(f"xf.jit: backend must be one of {list(_BACKENDS)} or a callable, got {backend!r}")
     if not isinstance(backend, str) and not callable(backend):
         raise TypeError(f"xf.jit: backend must be a string or a torch.compile backend callable, got {backend!r}")
-    record = transforms_of(step)
-    if "shard" in record:
+    strategy = transforms_of(step).setting("shard", "strategy")
+    if strategy is not None and not isinstance(strategy, Replicate):
         raise ValueError(
-            "xf.jit: a step under shard is not supported yet (its collectives run from autograd hooks); "
-            "use shard(step) eagerly, or jit a step without shard"
+            f"xf.jit: shard(strategy={strategy!r}) is not supported yet, only 'replicate' (its gradient "
+            "all-reduce becomes a functional collective in the graph); use that strategy, or this one eagerly"
         )
     return JittedStep(step, backend, mode)
 
