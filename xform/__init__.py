@@ -26,6 +26,7 @@ from xform.toolbox.progress import progress
 from xform.core.primitives import apply, value_and_grad
 from xform.transforms.shard import FullyShard, HybridShard, Replicate, TensorParallel, ZeRO, mesh, shard
 from xform.core.state import DonatedStateError, TrainState
+from xform.core.strategies import DeepSpeed
 from xform.toolbox.tracking import (
     CSVTracker,
     JSONLinesTracker,
@@ -46,6 +47,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointManager",
     "DataLoader",
+    "DeepSpeed",
     "DeviceMap",
     "DistributedError",
     "JitError",

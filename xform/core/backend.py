@@ -18,6 +18,7 @@ parts.
 - ``relaid(state, by, **leaves)``: the state over tensors laid out anew (sharded, cast);
   the old state, and every state sharing its tensors, is donated to it (``by`` says to
   what, in the error a later use raises).
+- ``moved(state, device, by, **leaves)``: ``relaid`` onto another device (XLA).
 """
 
 from __future__ import annotations
@@ -26,10 +27,14 @@ import importlib
 import os
 from typing import Any, Protocol
 
+import torch
+
 from xform.core.primitives import Handler
 from xform.core.state import TrainState
 
-__all__ = ["Backend", "Layout", "BACKENDS", "available_backends", "get_backend", "static", "cached", "relaid"]
+__all__ = [
+    "Backend", "Layout", "BACKENDS", "available_backends", "get_backend", "static", "cached", "relaid", "moved",
+]
 
 
 class Layout(Protocol):
@@ -78,6 +83,12 @@ def cached(state: TrainState, key: Any, make: Any) -> Any:
     return value
 
 
+def moved(state: TrainState, device: Any, by: str, **leaves: Any) -> TrainState:
+    """The state over ``leaves`` that now live on ``device`` (its static ``device`` too);
+    donates ``state`` as ``relaid`` does."""
+    return state._moved(torch.device(device), by, **leaves)
+
+
 def relaid(state: TrainState, by: str, **leaves: Any) -> TrainState:
     """The state over re-laid-out tensors ``leaves``; donates ``state`` (see the module docs)."""
     return state._relaid(by, **leaves)
@@ -87,8 +98,8 @@ def relaid(state: TrainState, by: str, **leaves: Any) -> TrainState:
 # (the launch settings accept it) but not built in this version.
 BACKENDS: dict[str, str | None] = {
     "torch": "xform.backends.torch_native:TorchBackend",
-    "deepspeed": None,
-    "xla": None,
+    "deepspeed": "xform.backends.deepspeed:DeepSpeedBackend",
+    "xla": "xform.backends.xla:XlaBackend",
 }
 
 

@@ -11,7 +11,7 @@ from typing import Callable, Mapping
 import attrs
 import torch
 
-__all__ = ["Replicate", "ZeRO", "FullyShard", "HybridShard", "TensorParallel", "Strategy", "STRATEGIES", "parse_strategy"]
+__all__ = ["Replicate", "ZeRO", "FullyShard", "HybridShard", "TensorParallel", "DeepSpeed", "Strategy", "STRATEGIES", "parse_strategy"]
 
 
 @attrs.frozen(kw_only=True)
@@ -113,6 +113,8 @@ STRATEGIES: dict[str, Strategy] = {
 
 
 def parse_strategy(strategy: "str | Strategy") -> Strategy:
+    if isinstance(strategy, DeepSpeed):
+        return strategy
     if isinstance(strategy, (Replicate, ZeRO, FullyShard, TensorParallel)):
         return strategy
     if isinstance(strategy, str) and strategy.lower() in STRATEGIES:
@@ -121,3 +123,75 @@ def parse_strategy(strategy: "str | Strategy") -> Strategy:
         f"shard: unknown strategy {strategy!r}; use one of {sorted(STRATEGIES)} or a strategy object "
         "(xf.Replicate(...), xf.ZeRO(stage=...), xf.FullyShard(...), xf.HybridShard(...), xf.TensorParallel(...))"
     )
+
+
+_OFFLOAD = (None, "cpu")
+
+
+@attrs.frozen(kw_only=True)
+class DeepSpeed:
+    """ZeRO through the DeepSpeed engine (the ``deepspeed`` backend, chosen by this object).
+
+    The engine's config is generated from the transforms inside ``shard``
+    (``accumulate`` -> ``gradient_accumulation_steps``, ``mixed_precision`` -> the
+    ``bf16``/``fp16`` sections, ``TrainState.create(max_grad_norm=...)`` ->
+    ``gradient_clipping``) and from these settings; ``config`` (a dict or a JSON file's
+    path) may add any other key, and a key that contradicts the transforms is refused.
+
+    Attributes:
+        stage: 1, 2, 3, or ``"auto"``: the smallest stage (then offload) whose estimated
+            per-process memory fits ``memory_budget`` (default: the device's free memory).
+        offload_optimizer: ``None`` or ``"cpu"``: the fp32 master weights and optimizer
+            state live in host memory.
+        offload_params: ``None`` or ``"cpu"`` (stage 3 only).
+        config: more DeepSpeed config keys (dict, or a path to a JSON file).
+        memory_budget: bytes per process for ``stage="auto"``.
+
+    Example:
+        >>> import xform as xf
+        >>> xf.DeepSpeed(stage=2).name
+        'deepspeed-zero2'
+    """
+
+    stage: "int | str" = 2
+    offload_optimizer: str | None = None
+    offload_params: str | None = None
+    config: "Mapping | str | None" = None
+    memory_budget: int | None = None
+    backend = "deepspeed"
+
+    def __attrs_post_init__(self):
+        if self.stage not in (1, 2, 3, "auto") or isinstance(self.stage, bool):
+            raise ValueError(f"DeepSpeed: stage must be 1, 2, 3 or 'auto', got {self.stage!r}")
+        for key in ("offload_optimizer", "offload_params"):
+            value = getattr(self, key)
+            if value == "nvme":
+                raise ValueError(
+                    f"DeepSpeed: {key}='nvme' is not supported in this version of xform; use None or 'cpu' "
+                    "(or pass the offload section through config=)"
+                )
+            if value not in _OFFLOAD:
+                raise ValueError(f"DeepSpeed: {key} must be None or 'cpu', got {value!r}")
+        if self.offload_params is not None and self.stage not in (3, "auto"):
+            raise ValueError(
+                f"DeepSpeed: offload_params needs stage 3 (params are only partitioned there), got stage={self.stage}; "
+                "use DeepSpeed(stage=3, offload_params='cpu')"
+            )
+        if self.config is not None and not isinstance(self.config, (Mapping, str)) and not hasattr(self.config, "__fspath__"):
+            raise TypeError(f"DeepSpeed: config must be None, a dict or a path to a JSON file, got {type(self.config).__name__}")
+        if self.memory_budget is not None and (
+            isinstance(self.memory_budget, bool) or not isinstance(self.memory_budget, int) or self.memory_budget <= 0
+        ):
+            raise ValueError(f"DeepSpeed: memory_budget must be a positive number of bytes or None, got {self.memory_budget!r}")
+        if self.memory_budget is not None and self.stage != "auto":
+            raise ValueError(
+                f"DeepSpeed: memory_budget only chooses the stage under stage='auto', got stage={self.stage}; "
+                "pass stage='auto' or leave memory_budget out"
+            )
+
+    @property
+    def name(self) -> str:
+        return f"deepspeed-zero{self.stage}"
+
+
+Strategy = Strategy | DeepSpeed  # noqa: F811  (the union, with the DeepSpeed strategy)

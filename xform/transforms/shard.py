@@ -95,7 +95,12 @@ def shard(step: Callable[..., Any], strategy: "str | Strategy" = "replicate", *,
     strategy = parse_strategy(strategy)
     if "shard" in transforms_of(step):
         raise ValueError("shard: this step is already sharded; apply shard once, outermost")
+    if backend is None:  # a strategy object may imply its backend (xf.DeepSpeed)
+        backend = getattr(strategy, "backend", None)
     layout = get_backend(backend).layout(strategy, mesh, inner=step)
+    # A layout whose engine runs the whole step (DeepSpeed: backward, accumulation, loss
+    # scale, optimizer) gives ``run(state, batch)``; shard then only checks the layout tag.
+    engine_run = getattr(layout, "run", None)
     tag = _Tag(strategy, mesh)
     runs_optimizer = getattr(type(layout), "runs_optimizer", None) is not None
     # Gradients all-reduced whole are the same on every process: so is their finiteness.
@@ -108,6 +113,8 @@ def shard(step: Callable[..., Any], strategy: "str | Strategy" = "replicate", *,
         laid_out = state._spec.layout
         if laid_out is not tag and laid_out != tag:
             raise ValueError(_not_laid_out(laid_out, tag))
+        if engine_run is not None:
+            return engine_run(state, batch)
         handler = layout.handler()
         if not handler.reduces:  # one process, no process group: the plain step
             with installed(handler):
