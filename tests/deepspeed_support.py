@@ -86,3 +86,40 @@ def ds_run(stage, acc: int, precision: str, opt: str, steps: int = 4, clip: floa
         state, metrics = s(state, mine(b))
         losses.append(float(metrics["loss"] if not isinstance(metrics["loss"], xf.Mean) else metrics["loss"].value))
     return full_params(state), state.step, losses
+
+
+def ds_phase(stage, acc: int, precision: str, opt: str, path: str | None, start: int, stop: int, load: str | None = None):
+    """Trains under xf.DeepSpeed(stage) on global batches [start, stop) (this process's
+    slice), loading ``load`` first and saving to ``path`` after: the full fp32 params,
+    the step, and the params' leaves as the engine holds them (for a bit-exact check)."""
+    from xform.backends.deepspeed import full_params
+
+    s = xf.shard(wrapped(acc, precision), xf.DeepSpeed(stage=stage))
+    state = s.init(fresh(opt))
+    if load:
+        state = xf.load(load, like=state)
+    for b in data()[start:stop]:
+        state, _ = s(state, mine(b))
+    if path:
+        xf.save(state, path)
+    leaves = {k: v.detach().clone() for k, v in state.params.items()}
+    return full_params(state), state.step, leaves, dict(state.data)
+
+
+def plain_phase(acc: int, precision: str, opt: str, load: str, start: int, stop: int):
+    """One process, no DeepSpeed: loads a DeepSpeed checkpoint into a plain state and
+    trains on [start, stop): the params right after loading and at the end."""
+    s = wrapped(acc, precision)
+    state = xf.load(load, like=getattr(s, "init", lambda x: x)(fresh(opt)))
+    loaded = {k: v.detach().clone() for k, v in state.params.items()}
+    for b in data()[start:stop]:
+        state, _ = s(state, b)
+    return loaded, {k: v.detach().clone() for k, v in state.params.items()}, state.step
+
+
+def error_of(fn_name: str, *args) -> str:
+    try:
+        globals()[fn_name](*args)
+    except Exception as e:  # noqa: BLE001
+        return f"{type(e).__name__}: {e}"
+    return "no error"

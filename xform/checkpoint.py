@@ -172,7 +172,9 @@ class PendingSave:
         return self._path is not None or (self._future is not None and self._future.done())
 
 
-def save(state: TrainState, path: str | os.PathLike, *, async_save: bool = False) -> "Path | PendingSave":
+def save(
+    state: TrainState, path: str | os.PathLike, *, async_save: bool = False, _extra: Any = None
+) -> "Path | PendingSave":
     """Writes ``state`` to the directory ``path``, atomically.
 
     Everything in the state is saved: params, buffers, optimizer state, each transform's
@@ -193,6 +195,10 @@ def save(state: TrainState, path: str | os.PathLike, *, async_save: bool = False
     Returns:
         The checkpoint's path, or a ``PendingSave`` with ``async_save=True``.
     """
+    if _extra is None:
+        hook = _engine_hook(state)
+        if hook is not None:  # an engine holds part of the state (DeepSpeed): it consolidates, then saves here
+            return hook.save(state, Path(path), async_save=async_save, plain_save=save)
     path = Path(path)
     paths, leaves, _ = _entries(state)
     rank, world = _dist()
@@ -232,6 +238,8 @@ def save(state: TrainState, path: str | os.PathLike, *, async_save: bool = False
                 pool.shutdown(wait=False)
             else:
                 written.append(_write_single(tensors, tmp / _TENSORS))
+        if _extra is not None:  # an engine's own files (every process), inside the same atomic directory
+            _extra(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -264,6 +272,13 @@ def save(state: TrainState, path: str | os.PathLike, *, async_save: bool = False
 
     pending = PendingSave(finish, future)
     return pending if async_save else pending.wait()
+
+
+def _engine_hook(state: Any) -> Any:
+    """The checkpoint hook of a backend whose engine holds part of the state (DeepSpeed
+    sets it on the module it wraps: ``backends/deepspeed/checkpoint.py``), or None."""
+    module = getattr(state, "module", None) if isinstance(state, TrainState) else None
+    return None if module is None else module.__dict__.get("_xform_checkpoint")
 
 
 def _shared_tmp(path: Path, rank: int, world: int) -> Path:
@@ -351,7 +366,7 @@ def _swap_into_place(tmp: Path, path: Path) -> None:
 # --- load -----------------------------------------------------------------------------------
 
 
-def load(path: str | os.PathLike, *, like: TrainState) -> TrainState:
+def load(path: str | os.PathLike, *, like: TrainState, _plain: bool = False) -> TrainState:
     """Reads the checkpoint at ``path`` into a state laid out like ``like``.
 
     ``like`` is a state built the same way (same module, optimizer and transforms, e.g.
@@ -372,6 +387,9 @@ def load(path: str | os.PathLike, *, like: TrainState) -> TrainState:
             from ``like``'s; one line naming the checkpoint, the file (or the first path
             that differs) and the cause.
     """
+    hook = None if _plain else _engine_hook(like)
+    if hook is not None:  # `like` is laid out by an engine (DeepSpeed): it reads its part, the rest here
+        return hook.load(Path(path), like, plain_load=functools.partial(load, _plain=True))
     path = Path(path)
     if not (path / _META).exists():
         prev = path.with_name(path.name + ".prev")

@@ -126,6 +126,9 @@ class DeepSpeedLayout:
         optimizer = spec.optimizer([state.params[k] for k in spec.trainable])
         engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=config, dist_init_required=False)
         module.__dict__[_ENGINE] = engine
+        from .checkpoint import HOOK, DeepSpeedCheckpoint
+
+        module.__dict__[HOOK] = DeepSpeedCheckpoint(engine, stage)  # what xf.save/xf.load call for this state
         engine.__dict__["_xform"] = _Bound(engine, stage, _DTYPES[dtype], self.settings, spec.trainable)
         params = _param_leaves(engine, module)
         return relaid(state, "shard(DeepSpeed).init", params=params, opt_state=_opt_leaves(engine, False))
@@ -187,16 +190,22 @@ def _param_leaves(engine: Any, module: torch.nn.Module) -> dict[str, torch.Tenso
     return params
 
 
+def _flats(engine: Any) -> dict[str, torch.Tensor]:
+    """The fp32 master partitions the optimizer steps, by name ``group{i}``. (ZeRO-3 puts
+    them in the torch optimizer's param groups only while it steps.)"""
+    zero = engine.optimizer
+    flats = getattr(zero, "fp32_partitioned_groups_flat", None) or getattr(zero, "single_partition_of_fp32_groups", None)
+    if flats is None:  # no ZeRO partitions: the optimizer's own params
+        flats = [p for g in zero.optimizer.param_groups for p in g["params"]]
+    return {f"group{i}": p for i, p in enumerate(flats)}
+
+
 def _opt_leaves(engine: Any, initialized: bool) -> dict[str, Any]:
     """Per optimizer group: the fp32 master partition and the optimizer's state over it."""
     inner = engine.optimizer.optimizer
     out: dict[str, Any] = {}
-    for gi, group in enumerate(inner.param_groups):
-        for pi, p in enumerate(group["params"]):
-            entry = {"master": p}
-            for key, v in inner.state.get(p, {}).items():
-                entry[key] = v
-            out[f"group{gi}.{pi}"] = entry
+    for name, p in _flats(engine).items():
+        out[name] = {"master": p, **inner.state.get(p, {})}
     return {"initialized": initialized, "state": out}
 
 
