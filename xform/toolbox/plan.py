@@ -21,11 +21,15 @@ Example:
     >>> import torch, xform as xf
     >>> def mlp():
     ...     return torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 16))
-    >>> p = xf.plan(mlp, batch=(8, 16), world_size=2)
+    >>> p = xf.plan(mlp, batch=(8, 16), world_size=4, strategies=["replicate", "zero3", "hsdp", "tp"])
     >>> [r.layout.name for r in p.rows]
-    ['replicate', 'zero1', 'zero2', 'zero3', 'hsdp 1x2', 'hsdp 2x1', 'tp2']
+    ['replicate', 'zero3', 'hsdp 1x4', 'hsdp 2x2', 'hsdp 4x1', 'tp2 x fsdp2', 'tp4']
+    >>> print(p.table())  # doctest: +ELLIPSIS
+    Model: mlp (2,128 parameters); 4 processes; batch 8x16 per data-parallel replica; optimizer adamw
+    strategy     mesh  pred params  pred grads  pred optim  pred activ  pred total  pred comm/step
+    ...
     >>> p.rows[0].predicted["params"]   # (16*64 + 64 + 64*16 + 16) * 4 bytes, on every process
-    8448
+    8512
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import contextlib
 import gc
 import importlib
 import importlib.util
+import logging
 import math
 import os
 import statistics
@@ -298,11 +303,16 @@ def plan(
         [('hsdp 2x1', 80)]
     """
     world, layouts_wanted = _check_world(world_size, mesh)
-    families = tuple(strategies) if strategies is not None else FAMILIES
-    bad = [f for f in families if f not in FAMILIES and f not in _strategies.STRATEGIES]
+    if isinstance(strategies, str):
+        raise TypeError(f"plan: strategies must be a list of names, got the string {strategies!r}; pass [{strategies!r}]")
+    wanted = tuple(strategies) if strategies is not None else FAMILIES
+    names = [s for s in wanted if s not in FAMILIES and s not in _strategies.STRATEGIES]  # layout names: "hsdp 2x2"
+    bad = [s for s in names if not isinstance(s, str) or s.split(" ")[0].rstrip("0123456789") not in FAMILIES]
     if bad:
-        raise ValueError(f"plan: unknown strategies {bad}; use some of {', '.join(FAMILIES)}")
-    families = tuple(dict.fromkeys(_strategies.STRATEGIES[f].name if f in _strategies.STRATEGIES else f for f in families))
+        raise ValueError(f"plan: unknown strategies {bad}; use some of {', '.join(FAMILIES)}, or layout names such as "
+                         "'hsdp 2x2', 'tp2 x fsdp2', 'pp2 x dp2'")  # fmt: skip
+    whole = [_strategies.STRATEGIES[s].name if s in _strategies.STRATEGIES else s for s in wanted if s not in names]
+    families = tuple(dict.fromkeys(whole + [s.split(" ")[0].rstrip("0123456789") for s in names]))
     if optimizer not in _TORCH_OPTIMIZERS:
         raise ValueError(f"plan: unknown optimizer {optimizer!r}; use one of {', '.join(_TORCH_OPTIMIZERS)}")
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0):
@@ -321,12 +331,17 @@ def plan(
     notes: list[str] = []
     layouts = [
         lay for lay in _enumerate(world, families, tp_plan, meta, notes)
-        if layouts_wanted is None or dict(lay.axes) == layouts_wanted
+        if (layouts_wanted is None or dict(lay.axes) == layouts_wanted) and (lay.family in whole or lay.name in names)
     ]  # fmt: skip
+    missing = [n for n in names if n not in {lay.name for lay in layouts}]
+    if missing:
+        every = [lay.name for lay in _enumerate(world, FAMILIES, tp_plan, meta, [])]
+        raise ValueError(f"plan: no layout {missing} on {world} processes; they are {every}")
     if not layouts:
         raise ValueError(
             f"plan: no layout of {', '.join(families)} fits "
             + (f"the mesh {dict(layouts_wanted)}" if layouts_wanted else f"{world} processes")
+            + ("" if not notes else f" ({'; '.join(notes)})")
             + "; pass other strategies or another mesh"
         )
     rows = [_predict(lay, meta, make_input, optimizer, tp_plan, budget) for lay in layouts]
@@ -884,7 +899,9 @@ def _run_layout(source: Any, batch_source: Any, lay: Layout, optimizer: str, tp_
 
     import xform as xf
 
-    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed\..*_single`")
+    # torch's own advice (deprecated collectives, FSDP2's view outputs, DTensor's redistribution plans): not the user's
+    warnings.filterwarnings("ignore", module=r"torch\..*")
+    logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
     factory = resolve(source) if isinstance(source, str) else source
     make_input = _Input(resolve(batch_source, what="batch") if isinstance(batch_source, str) else batch_source)
     strategy, mesh = _strategy_and_mesh(lay, tp_plan)
