@@ -64,7 +64,7 @@ class _Runner:
         ctx = torch.cuda.stream(stream) if stream is not None else _Null()
         with torch.no_grad(), ctx:
             for c, home in block.remote.items():
-                t = st.read(home, pin=cuda) if isinstance(home, st.Entry) else home
+                t = st.read(home, pin=cuda, mapped=True) if isinstance(home, st.Entry) else home
                 out[c] = t.to(block.execution, non_blocking=cuda)
             if stream is not None:
                 event = torch.cuda.Event()

@@ -253,7 +253,7 @@ def device_map(module: nn.Module, *, max_memory: Mapping[str, int | str | None],
     if offloading and budgets[execution] < reserve:
         raise ValueError(
             f"{api}: the model ({fmt_bytes(total)}) does not fit in max_memory[{execution!r}] = {fmt_bytes(budgets[execution])}, "
-            f"and running its offloaded blocks needs room for two of its largest unsplittable block, {largest_name or '(model)'!r} "
+            f"and running its offloaded blocks needs room for two of its largest unsplittable blocks, {largest_name or '(model)'!r} "
             f"({fmt_bytes(largest)}): the one running and the next one, prefetched; raise max_memory[{execution!r}] to at "
             f"least {fmt_bytes(reserve)}, or let that block split (remove its class from no_split)")
     queue: list[tuple[str, nn.Module | None]] = [("", module)]

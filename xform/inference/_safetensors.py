@@ -1,10 +1,11 @@
-"""safetensors files read and written without ``mmap``: one tensor at a time.
+"""safetensors files read and written one tensor at a time.
 
 The safetensors format: 8 bytes (little-endian u64) giving the header's length, a JSON
 header ``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}``
-and the raw bytes. Reading with ``pread`` into a fresh tensor (not through a memory map)
-keeps the file's pages out of this process's resident set: a tensor costs its own bytes
-while it lives and nothing after, which is what streaming a model larger than memory needs.
+and the raw bytes. A tensor is read into memory of its own (a plain read, or a memory map
+of just its bytes that is unmapped when it dies), never through a long-lived map of the
+whole file: a tensor costs resident memory while it lives and nothing after, which is
+what streaming a model larger than memory needs.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ DTYPES: dict[str, torch.dtype] = {
 }
 NAMES = {v: k for k, v in DTYPES.items()}
 _MAX_HEADER = 100 << 20
-_OWN_MAP = 1 << 20  # tensors from 1 MiB up get a mapping of their own
+_OWN_MAP = 1 << 20  # tensors from 1 MiB up are mapped, each with a mapping of its own
 
 
 @attrs.frozen
@@ -81,19 +82,30 @@ def read_header(file: str | os.PathLike) -> dict[str, Entry]:
     return dict(sorted(out.items(), key=lambda kv: kv[1].offset))
 
 
-def read(entry: Entry, *, pin: bool = False) -> torch.Tensor:
-    """A fresh CPU tensor holding the entry's bytes, read with ``readinto`` (no memory map)."""
-    if pin or entry.nbytes < _OWN_MAP:
-        t = torch.empty(entry.shape, dtype=entry.dtype, pin_memory=pin)
-        buf = memoryview(t.view(-1).view(torch.uint8).numpy()) if entry.nbytes else None
-    else:
-        # A mapping of its own: unmapped when the tensor dies, so a streamed block's memory
-        # goes back to the system at once (glibc's heap keeps freed chunks of up to 32 MB
-        # and grows with the reader thread's arena: a resident set far above what is live).
-        region = mmap.mmap(-1, entry.nbytes)
-        t = torch.frombuffer(region, dtype=torch.uint8).view(entry.dtype).view(entry.shape)
-        buf = memoryview(region)
+def read(entry: Entry, *, pin: bool = False, mapped: bool = False) -> torch.Tensor:
+    """A CPU tensor holding the entry's bytes, that costs resident memory only while it lives.
+
+    ``mapped`` (for a tensor dropped soon after, as a disk block's), from 1 MiB up and not
+    ``pin``: a private memory map of the file's range of its own,
+    populated at once (``MAP_POPULATE``: the page cache's pages mapped in one call, no
+    copy) and unmapped when the tensor dies. Below, or into pinned memory for a copy to an
+    accelerator, or for a tensor that stays (a map of a private file range would show
+    later changes to the file): a plain read into a fresh tensor. Either way nothing stays mapped or
+    cached in this process after the tensor is dropped, unlike a long-lived map of the
+    whole file, whose touched pages all count as resident.
+    """
+    if mapped and entry.nbytes >= _OWN_MAP and not pin:
+        start = entry.offset - entry.offset % mmap.ALLOCATIONGRANULARITY
+        flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0)
+        with open(entry.file, "rb") as f:
+            region = mmap.mmap(f.fileno(), entry.offset - start + entry.nbytes, flags=flags,
+                               prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
+        # Copy-on-write: a write to the tensor never reaches the file.
+        flat = torch.frombuffer(region, dtype=torch.uint8, offset=entry.offset - start, count=entry.nbytes)
+        return flat.view(entry.dtype).view(entry.shape)
+    t = torch.empty(entry.shape, dtype=entry.dtype, pin_memory=pin)
     if entry.nbytes:
+        buf = memoryview(t.view(-1).view(torch.uint8).numpy())
         with open(entry.file, "rb", buffering=0) as f:
             f.seek(entry.offset)
             got = 0
