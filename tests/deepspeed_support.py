@@ -123,3 +123,24 @@ def error_of(fn_name: str, *args) -> str:
     except Exception as e:  # noqa: BLE001
         return f"{type(e).__name__}: {e}"
     return "no error"
+
+
+def other_model_load(path: str):
+    """Loads a checkpoint of ``model()`` into a DeepSpeed state of a wider model."""
+    torch.manual_seed(0)
+    wide = torch.nn.Sequential(torch.nn.Linear(5, 17), torch.nn.Tanh(), torch.nn.Linear(17, 3))
+    s = xf.shard(wrapped(1, "fp32"), xf.DeepSpeed(stage=2))
+    xf.load(path, like=s.init(xf.TrainState.create(wide, **OPTIMIZERS["sgd"])))
+
+
+def auto_stage(budget: int):
+    """The stage (and offload) stage='auto' picks under ``budget`` bytes per process."""
+    from xform.backends.deepspeed import engine_of
+
+    s = xf.shard(wrapped(1, "fp32"), xf.DeepSpeed(stage="auto", memory_budget=budget))
+    engine = engine_of(s.init(fresh("adamw")))
+    return engine.zero_optimization_stage()
+
+
+def fp16_on_cpu():
+    xf.shard(wrapped(1, "fp16"), xf.DeepSpeed(stage=2)).init(fresh("sgd"))
