@@ -25,6 +25,7 @@ from xform.toolbox.profile import profile
 from xform.toolbox.progress import progress
 from xform.core.primitives import apply, value_and_grad
 from xform.transforms.shard import FullyShard, HybridShard, Replicate, TensorParallel, ZeRO, mesh, shard
+from xform.core.strategies import Pipeline
 from xform.core.state import DonatedStateError, TrainState
 from xform.core.strategies import DeepSpeed
 from xform.toolbox.tracking import (
@@ -68,6 +69,7 @@ __all__ = [
     "Step",
     "TensorBoardTracker",
     "TensorParallel",
+    "Pipeline",
     "Tracker",
     "Trackers",
     "TrainState",
@@ -93,8 +95,8 @@ __all__ = [
     "mesh",
     "mixed_precision",
     "notebook_launcher",
-    "offload",
     "plan",
+    "offload",
     "profile",
     "progress",
     "save",

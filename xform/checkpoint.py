@@ -209,6 +209,10 @@ def save(
         meta["leaves"].append({"path": p, **_describe(leaf)})
         if isinstance(leaf, torch.Tensor):
             tensors[p] = leaf.detach()
+    if distributed and world > 1:
+        meta["leaves"], partial = _union_leaves(meta["leaves"])
+        if partial:
+            meta["partial"] = True
     tmp = _shared_tmp(path, rank, world)
     future = None
     written: list[dict[str, Any]] = []
@@ -272,6 +276,25 @@ def save(
 
     pending = PendingSave(finish, future)
     return pending if async_save else pending.wait()
+
+
+def _union_leaves(mine: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], bool]:
+    """Every process's leaves, when they differ (a pipeline: each process holds its
+    stages' params and optimizer state): rank 0's, then the others' new paths in rank
+    order; and whether they differed. One object all-gather per save."""
+    import torch.distributed as dist
+
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    if all(e == everyone[0] for e in everyone):
+        return mine, False
+    merged, seen = [], set()
+    for part in everyone:
+        for e in part:
+            if e["path"] not in seen:
+                seen.add(e["path"])
+                merged.append(e)
+    return merged, True
 
 
 def _engine_hook(state: Any) -> Any:
@@ -408,7 +431,11 @@ def load(path: str | os.PathLike, *, like: TrainState, _plain: bool = False) -> 
     saved_paths = [e["path"] for e in meta["leaves"] if not _is_data(e["path"])]
     like_data = [(p, ref) for p, ref in zip(paths, like_leaves) if _is_data(p)]
     paths, like_leaves = map(list, zip(*[(p, ref) for p, ref in zip(paths, like_leaves) if not _is_data(p)]))
-    if saved_paths != paths:
+    # A checkpoint of processes holding different leaves (a pipeline, "partial") lists their
+    # union: it loads into a state holding all of them (one process), in another order,
+    # or into one holding some (another pipeline layout).
+    partial = bool(meta.get("partial"))
+    if saved_paths != paths and not (partial and set(paths) <= set(saved_paths)):
         in_like = set(paths)
         only_like = next((i for i, p in enumerate(paths) if p not in saved), None)
         only_ckpt = next((i for i, p in enumerate(saved_paths) if p not in in_like), None)
@@ -436,6 +463,10 @@ def load(path: str | os.PathLike, *, like: TrainState, _plain: bool = False) -> 
         if isinstance(ref, torch.Tensor)
     }
     checksums = meta.get("checksums")
+    if partial:  # DCP reads exactly the checkpoint's tensors: the ones `like` lacks are read and dropped
+        for p, entry in saved.items():
+            if p not in targets and entry["kind"] == "tensor":
+                targets[p] = torch.empty(entry["shape"], dtype=getattr(torch, entry["dtype"]))
     if meta["layout"] == "dcp":
         from xform import _checkpoint_dcp
 

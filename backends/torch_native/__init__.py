@@ -16,16 +16,19 @@ Strategies and how they are built:
   no gain in semantics.
 - tensor parallel (``TensorParallelLayout``): DTensor ``parallelize_module``, optionally with
   FSDP2 over the data-parallel mesh axis.
+- pipeline (``PipelineLayout``): ``torch.distributed.pipelining`` schedules over stages cut
+  from an ``nn.Sequential``, optionally replicated over a data-parallel mesh axis.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from xform.core.strategies import FullyShard, Replicate, TensorParallel, ZeRO
+from xform.core.strategies import FullyShard, Pipeline, Replicate, TensorParallel, ZeRO
 
 from .data_parallel import DataParallel
 from .fully_shard import FullyShardLayout
+from .pipeline import PipelineLayout
 from .tensor_parallel import TensorParallelLayout
 
 __all__ = ["TorchBackend"]
@@ -41,4 +44,6 @@ class TorchBackend:
             return FullyShardLayout(strategy, mesh, inner)
         if isinstance(strategy, TensorParallel):
             return TensorParallelLayout(strategy, mesh, inner)
+        if isinstance(strategy, Pipeline):
+            return PipelineLayout(strategy, mesh, inner)
         raise TypeError(f"shard: the torch backend has no strategy {strategy!r}")

@@ -11,7 +11,7 @@ from typing import Callable, Mapping
 import attrs
 import torch
 
-__all__ = ["Replicate", "ZeRO", "FullyShard", "HybridShard", "TensorParallel", "DeepSpeed", "Strategy", "STRATEGIES", "parse_strategy"]
+__all__ = ["Replicate", "ZeRO", "FullyShard", "HybridShard", "TensorParallel", "Pipeline", "DeepSpeed", "Strategy", "STRATEGIES", "parse_strategy"]
 
 
 @attrs.frozen(kw_only=True)
@@ -99,7 +99,78 @@ class TensorParallel:
             )
 
 
-Strategy = Replicate | ZeRO | FullyShard | HybridShard | TensorParallel
+_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
+
+
+@attrs.frozen(kw_only=True)
+class Pipeline:
+    """Pipeline parallelism over the mesh axis ``axis`` (``torch.distributed.pipelining``).
+
+    The model must be a ``torch.nn.Sequential``: its children are cut into ``stages``
+    consecutive stages, before each child named in ``split``, or (no ``split``) so that
+    every stage holds about the same parameter bytes. Each process of the ``axis`` group
+    holds one stage (``"gpipe"``, ``"1f1b"``) or several (``"interleaved_1f1b"``: stage
+    ``s`` on process ``s % pp``) and only those stages' params and optimizer state.
+
+    In the step, ``xf.apply(state, params, x)`` inside ``xf.value_and_grad`` is the
+    pipelined part; the rest of the loss function runs on the last stage, once per
+    micro-batch, on that micro-batch's output (the step is called once more per
+    micro-batch, up to its ``value_and_grad``, to take its loss function). The loss must
+    be a mean over the batch's rows (or an ``xf.Mean``), so that the loss of the batch is
+    that of its ``microbatches`` equal micro-batches pooled. Loss and metrics come back
+    on every process.
+
+    Attributes:
+        stages: the number of stages in all (default: the ``axis`` size, twice that for
+            ``"interleaved_1f1b"``).
+        schedule: ``"gpipe"``, ``"1f1b"`` or ``"interleaved_1f1b"``.
+        microbatches: micro-batches per step (the per-process batch must divide by it).
+        split: names of the children that start a new stage (``len(split) + 1`` stages).
+        axis: the pipeline mesh axis.
+        data_parallel: ``None`` or ``"replicate"``: each stage replicated over ``dp_axis``,
+            its gradients all-reduced there.
+        dp_axis: the data-parallel mesh axis.
+
+    Example:
+        >>> import xform as xf
+        >>> xf.Pipeline(schedule="gpipe", microbatches=4, split=("2",)).stages
+        2
+    """
+
+    stages: int | None = None
+    schedule: str = "1f1b"
+    microbatches: int = 2
+    split: tuple[str, ...] | None = attrs.field(default=None, converter=lambda v: None if v is None else tuple(v))
+    axis: str = "pp"
+    data_parallel: str | None = None
+    dp_axis: str = "dp"
+    name = "pp"
+
+    def __attrs_post_init__(self):
+        if self.schedule not in _SCHEDULES:
+            raise ValueError(f"Pipeline: schedule must be one of {list(_SCHEDULES)}, got {self.schedule!r}")
+        if isinstance(self.microbatches, bool) or not isinstance(self.microbatches, int) or self.microbatches < 1:
+            raise ValueError(f"Pipeline: microbatches must be an int >= 1, got {self.microbatches!r}")
+        if self.stages is not None and (isinstance(self.stages, bool) or not isinstance(self.stages, int) or self.stages < 1):
+            raise ValueError(f"Pipeline: stages must be an int >= 1 or None, got {self.stages!r}")
+        if self.split is not None:
+            if not self.split or not all(isinstance(n, str) and n for n in self.split):
+                raise ValueError(f"Pipeline: split must name children of the model (e.g. ('2', '4')), got {self.split!r}")
+            if self.stages is None:
+                object.__setattr__(self, "stages", len(self.split) + 1)
+            elif self.stages != len(self.split) + 1:
+                raise ValueError(
+                    f"Pipeline: split={self.split!r} cuts {len(self.split) + 1} stages but stages={self.stages}; "
+                    "give len(split) + 1 stages, or leave stages out"
+                )
+        if self.data_parallel not in (None, "replicate"):
+            raise ValueError(
+                f"Pipeline: data_parallel must be None or 'replicate', got {self.data_parallel!r} "
+                "(fsdp over the data-parallel axis of a pipeline is not supported in this version)"
+            )
+
+
+Strategy = Replicate | ZeRO | FullyShard | HybridShard | TensorParallel | Pipeline
 
 STRATEGIES: dict[str, Strategy] = {
     "replicate": Replicate(),
@@ -115,13 +186,13 @@ STRATEGIES: dict[str, Strategy] = {
 def parse_strategy(strategy: "str | Strategy") -> Strategy:
     if isinstance(strategy, DeepSpeed):
         return strategy
-    if isinstance(strategy, (Replicate, ZeRO, FullyShard, TensorParallel)):
+    if isinstance(strategy, (Replicate, ZeRO, FullyShard, TensorParallel, Pipeline)):
         return strategy
     if isinstance(strategy, str) and strategy.lower() in STRATEGIES:
         return STRATEGIES[strategy.lower()]
     raise ValueError(
         f"shard: unknown strategy {strategy!r}; use one of {sorted(STRATEGIES)} or a strategy object "
-        "(xf.Replicate(...), xf.ZeRO(stage=...), xf.FullyShard(...), xf.HybridShard(...), xf.TensorParallel(...))"
+        "(xf.Replicate(...), xf.ZeRO(stage=...), xf.FullyShard(...), xf.HybridShard(...), xf.TensorParallel(...), xf.Pipeline(...))"
     )
 
 

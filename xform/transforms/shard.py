@@ -123,6 +123,9 @@ def shard(step: Callable[..., Any], strategy: "str | Strategy" = "replicate", *,
         rows = _rows(batch)
         if hasattr(handler, "rows"):  # a reducer that carries the batch sizes with the gradient
             handler.rows = rows
+        if hasattr(handler, "prepare"):  # a pipeline: takes the step's loss function per micro-batch
+            with installed(handler):
+                handler.prepare(step, state, batch)
         with installed(handler), installed(_Guard(handler, rows, zero, whole)):
             return step(state, batch)
 
