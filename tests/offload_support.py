@@ -12,9 +12,10 @@ import torch
 import torch.nn.functional as F
 
 import xform as xf
+from xform.transforms import offload as offload_module
 
-WIDTH, DEPTH = 1024, 16  # 16.8M params: 64 MiB of params, 128 MiB of AdamW state
-CHUNK_MB = 8
+WIDTH, DEPTH = 1024, 8  # 8.4M params: 32 MiB of params, 64 MiB of AdamW state
+CHUNK_MB = 4
 
 
 def wide(seed: int = 0) -> torch.nn.Module:
@@ -71,7 +72,7 @@ def _reset_peak() -> None:
 def resident_probe(mode: str, directory: str, steps: int = 3) -> dict[str, int]:
     """Peak resident memory of ``steps`` AdamW steps of ``wide()``, plain or with the
     optimizer state (``optimizer``) or params and state (``both``) on disk, counted from
-    the process's resident size before the model exists."""
+    the process's resident size before the model exists (``params``: params on disk only)."""
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
     batches = [{"x": torch.randn(4, WIDTH, generator=g), "y": torch.randn(4, WIDTH, generator=g)} for _ in range(steps)]
@@ -80,19 +81,28 @@ def resident_probe(mode: str, directory: str, steps: int = 3) -> dict[str, int]:
     step = mse_step
     if mode == "optimizer":
         step = xf.offload(mse_step, optimizer="disk", dir=directory, chunk_mb=CHUNK_MB)
+    elif mode == "params":
+        step = xf.offload(mse_step, params="disk", dir=directory, chunk_mb=CHUNK_MB)
     elif mode == "both":
         step = xf.offload(mse_step, params="disk", optimizer="disk", dir=directory, chunk_mb=CHUNK_MB)
     state = xf.TrainState.create(wide(), optimizer=torch.optim.AdamW, lr=1e-3)
     state = getattr(step, "init", lambda s: s)(state)
+    with torch.no_grad():  # binds the module to the state's (moved) params: the originals are freed now
+        xf.apply(state, state.params, batches[0]["x"][:1])
+    for p in state.params.values():  # file-backed params: their pages leave as a step leaves them
+        offload_module._drop(p)
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap back to the system: "start" counts live memory
     _reset_peak()  # TrainState.create's placeholders of the optimizer state are not counted
     start = _status("VmRSS")
     for b in batches:
         state, metrics = step(state, b)
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    end = _status("VmRSS")  # what stays resident between steps
     params = sum(p.numel() * p.element_size() for p in state.params.values())
     opt = sum(v.numel() * v.element_size() for e in state.opt_state["state"].values() for v in e.values())
-    return {"before": before, "start": start, "peak": _status("VmHWM"), "params": params, "opt": opt,
+    return {"before": before, "start": start, "end": end, "peak": _status("VmHWM"), "params": params, "opt": opt,
             "loss": float(metrics["loss"])}
 
 
