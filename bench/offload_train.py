@@ -8,10 +8,13 @@ first creates the optimizer state), then resets its peak resident set size
 The parent then runs interleaved rounds: in each round every worker in turn runs
 ``steps`` steps and reports their times; a round's figure is the median step. A ratio
 is taken within a round (variant / plain: same round, same machine load), then its
-median and quartiles over the rounds are printed. "peak" is the worker's peak resident
-growth over its measured steps (VmHWM - VmRSS at the reset): the gradients and the
-update's temporaries, plus the optimizer state resident at once (all of it in the plain
-step, one chunk under offload). The files go to ``--dir`` (default: a temporary
+median and quartiles over the rounds are printed. Memory, counted from the worker's
+resident size before its model exists: "held", resident between steps after the last
+round (heap trimmed): the params and optimizer state kept in memory; "peak", the largest
+resident size during the measured steps (VmHWM, reset after the warm-up so that
+``TrainState.create``'s placeholders of the optimizer state do not count): held + the
+gradients + the update's temporaries + the pages streamed in at once (all of the
+optimizer state in the plain step, about one chunk under offload). The files go to ``--dir`` (default: a temporary
 directory under the current one; put it on the disk you mean to measure, never a tmpfs).
 The page cache is not dropped between steps (that needs root), so on a machine with
 free memory the disk reads are served from it: the time figures are the cost of the
@@ -58,6 +61,8 @@ def worker(variant: str, width: int, depth: int, chunk_mb: float, directory: str
     import xform as xf
 
     torch.set_num_threads(1)
+    gc.collect()
+    before = _status("VmRSS")  # the process before the model exists
     torch.manual_seed(0)
     model = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(depth)])
 
@@ -82,12 +87,14 @@ def worker(variant: str, width: int, depth: int, chunk_mb: float, directory: str
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-    start = _status("VmRSS")
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         cmd = line.split()
         if cmd[0] == "end":
-            print(json.dumps({"peak": _status("VmHWM") - start}), flush=True)
+            peak = _status("VmHWM")
+            gc.collect()
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+            print(json.dumps({"peak": peak - before, "held": _status("VmRSS") - before}), flush=True)
             return
         times = []
         for _ in range(int(cmd[1])):
@@ -134,11 +141,12 @@ def train_rows(quick: bool, *, width: int | None = None, depth: int | None = Non
                     p.stdin.write(f"run {steps}\n")
                     p.stdin.flush()
                     medians[name].append(statistics.median(json.loads(p.stdout.readline())["times"]))
-            peaks = {}
+            peaks, held = {}, {}
             for name, p in procs.items():
                 p.stdin.write("end\n")
                 p.stdin.flush()
-                peaks[name] = json.loads(p.stdout.readline())["peak"] / 2**20
+                out = json.loads(p.stdout.readline())
+                peaks[name], held[name] = out["peak"] / 2**20, out["held"] / 2**20
                 p.wait(timeout=60)
         finally:
             for p in procs.values():
@@ -149,7 +157,7 @@ def train_rows(quick: bool, *, width: int | None = None, depth: int | None = Non
         f"({2 * params_mib:.0f} MiB state), batch 8, 1 thread, chunk {chunk_mb:g} MiB, "
         f"{rounds} rounds x {steps} steps",
         f"{'variant':44s} {'step ms median [q1, q3]':>26s} {'time / plain [q1, q3]':>24s} "
-        f"{'peak MiB':>9s} {'peak / plain':>12s}",
+        f"{'held MiB':>9s} {'peak MiB':>9s} {'peak / plain':>12s}",
     ]
     base = medians["plain"]
     for name in VARIANTS:
@@ -160,7 +168,7 @@ def train_rows(quick: bool, *, width: int | None = None, depth: int | None = Non
         rows.append(
             f"{name:44s} {m:10.2f} [{q1:.2f}, {q3:.2f}]".ljust(71)
             + f" {rm:8.2f} [{r1:.2f}, {r3:.2f}]".rjust(24)
-            + f" {peaks[name]:9.1f} {peaks[name] / max(peaks['plain'], 1e-9):12.2f}"
+            + f" {held[name]:9.1f} {peaks[name]:9.1f} {peaks[name] / max(peaks['plain'], 1e-9):12.2f}"
         )
     return rows
 

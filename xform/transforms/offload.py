@@ -534,9 +534,10 @@ def offload(
         >>> def step(state, batch):
         ...     loss, grads = xf.value_and_grad(lambda p: xf.apply(state, p, batch).square().mean())(state.params)
         ...     return state.apply_gradients(grads), {"loss": loss}
-        >>> step = xf.offload(step, optimizer="disk", dir=tempfile.mkdtemp(), chunk_mb=1)
-        >>> state = step.init(xf.TrainState.create(torch.nn.Linear(4, 2), optimizer=torch.optim.AdamW, lr=0.1))
-        >>> state, metrics = step(state, torch.ones(8, 4))
+        >>> with tempfile.TemporaryDirectory() as d:  # the files are unlinked once mapped: d can go
+        ...     offloaded = xf.offload(step, optimizer="disk", dir=d, chunk_mb=1)
+        ...     state = xf.TrainState.create(torch.nn.Linear(4, 2), optimizer=torch.optim.AdamW, lr=0.1)
+        ...     state, metrics = offloaded(offloaded.init(state), torch.ones(8, 4))
         >>> state.step
         1
     """
