@@ -94,6 +94,19 @@ def test_row_blocks_match_with_foreach_and_for_loop_kernels(tmp_path, foreach):
         assert_equal(params_of(got), want)
 
 
+def test_the_host_update_of_a_device_state_runs_on_cpu(tmp_path, monkeypatch):
+    """The CUDA path of optimizer='cpu' (staging buffers, host masters, copies back),
+    run on the CPU as if the params were on a device: catches a gradient not staged, a
+    master not copied back, state not adopted by the host optimizer, a lost schedule.
+    (Pinned memory and asynchronous copies themselves need a GPU: not run here.)"""
+    monkeypatch.setattr(off, "_off_host", lambda device: True)
+    for opt in OPTIMIZERS.values():
+        want = params_of(train(u.step, opt))
+        state = train(xf.offload(u.step, optimizer="cpu"), opt)
+        assert_equal(params_of(state), want)
+        assert isinstance(state._runtime("t").extras[off._KEY], off._OnHost)
+
+
 def test_composes_with_accumulate_and_mixed_precision_in_any_order(tmp_path):
     """Catches: the update run per micro-batch, or the loss-scale/autocast handlers
     bypassed by offload's update. bf16 on CPU stays bit-exact: the autocast forward and

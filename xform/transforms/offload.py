@@ -132,6 +132,11 @@ def _prefetch(t: torch.Tensor) -> None:
         mm.madvise(mmap.MADV_WILLNEED)
 
 
+def _off_host(device: torch.device) -> bool:
+    """Whether ``optimizer="cpu"`` moves anything: the compute device is not the host."""
+    return device.type != "cpu"
+
+
 def _param_shaped(v: Any, p: torch.Tensor) -> bool:
     return isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape == p.shape
 
@@ -369,7 +374,7 @@ class _Handler(Handler):
         settings = self.settings
         rt = state._runtime("offload")
         cache = rt.extras.get(_KEY)
-        if settings.optimizer == "disk" or (settings.optimizer == "cpu" and rt.device.type != "cpu"):
+        if settings.optimizer == "disk" or (settings.optimizer == "cpu" and _off_host(rt.device)):
             if cache is None or rt.optimizer is not cache:
                 cache = rt.extras[_KEY] = rt.optimizer = (
                     _Streamed(state._spec, state, settings.chunk) if settings.optimizer == "disk"
@@ -458,7 +463,7 @@ def _moved(state: TrainState, settings: _Settings) -> TrainState:
     if rt.extras.get(_KEY + ".placed") is settings:
         return state
     directory, chunk = settings.dir, settings.chunk
-    host = settings.optimizer == "cpu" and state._spec.device.type != "cpu"
+    host = settings.optimizer == "cpu" and _off_host(state._spec.device)
     params = state._params
     new_params = None
     if settings.params == "disk" and not all(_on_disk(p) for p in params.values()):
