@@ -216,6 +216,11 @@ def test_bad_input_is_refused_with_the_fix(tmp_path):
         xf.offload(once, optimizer="disk", dir=tmp_path)
     with pytest.raises(ValueError, match=r"offload: the state is laid out for shard\('zero2'\).*shard\('replicate'\)"):
         xf.offload(xf.shard(u.step, "zero2"), optimizer="disk", dir=tmp_path)
+    jitted = xf.jit(xf.offload(u.step, optimizer="disk", dir=tmp_path))
+    state = jitted.init(u.make_state())
+    with pytest.raises(ValueError, match=r"offload: the step is being traced by xf.jit"):
+        for _ in range(3):  # xf.jit runs the first update eagerly, then traces
+            state, _ = jitted(state, u.batch())
     step = xf.shard(xf.offload(u.step, optimizer="disk", dir=tmp_path), "zero3")
     with pytest.raises(ValueError, match=r"offload: the state is laid out for shard\('zero3'\).*CPUOffloadPolicy"):
         step(step.init(u.make_state()), u.batch())

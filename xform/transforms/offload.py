@@ -56,7 +56,7 @@ from typing import Any, Callable
 
 import torch
 
-from xform.core.primitives import Handler, grad_hook, installed
+from xform.core.primitives import Handler, grad_hook, installed, tracing
 from xform.core.state import TrainState
 from xform.core.strategies import Replicate
 from xform.core.transform import check_step, transforms_of, wrap
@@ -388,6 +388,12 @@ class _Handler(Handler):
                     _drop(p)
 
 
+_TRACED = (
+    "offload: the step is being traced by xf.jit, whose update runs on copies of the whole optimizer state "
+    "in memory; run the offloaded step eagerly (drop xf.jit), or drop offload to compile it"
+)
+
+
 def _owners(state: TrainState) -> list[tuple[torch.nn.Module, tuple[torch.Tensor, ...]]]:
     """The modules that directly hold file-backed params, in registration order."""
     out = []
@@ -578,6 +584,8 @@ def offload(
         return _moved(state, settings)
 
     def call(state: TrainState, batch: Any):
+        if tracing() is not None:
+            raise ValueError(_TRACED)
         _check_layout(state)
         if settings.params is not None:
             _check_device(state, settings)
