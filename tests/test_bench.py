@@ -78,3 +78,16 @@ def test_memory_prints_measured_peaks_beside_state_and_formula():
         assert counted - 0.01 <= low <= peak <= high, (strategy, row)
         assert in_step == pytest.approx(peak - between, abs=0.02), strategy
         assert ratio == pytest.approx(peak / formula, rel=0.01), strategy
+
+
+def test_mfu_prints_the_flop_formula_and_a_row_per_variant():
+    """Catches: the FLOP formula's terms lost, a variant silently missing or failed, fp8
+    rows that converted no layer (the same as bf16), a ratio without its quartiles."""
+    out = run_quick("mfu.py")
+    assert re.search(r"FLOPs/token = 6\*N \+ 12\*L\*H\*Q\*T = 6\*[\d,]+ \+ 12\*2\*4\*16\*32 = ", out), out
+    assert re.search(r"fp8-eager .* [1-9]\d* Float8Linear layers", out) and "bf16-eager " in out, out
+    lines = table(out, "mfu:")
+    for variant in ("bf16-eager", "fp8-eager", "fp8-compiled"):
+        row = [line for line in lines if line.startswith(variant + " ")]
+        assert len(row) == 1 and re.search(rf"{SPREAD}\s+\d+\s+n/a\s+{SPREAD}\s+{NUM}\s+\S", row[0]), (variant, lines)
+    assert "xf.jit(aot_eager)" in "\n".join(lines) or "module.compile(aot_eager)" in "\n".join(lines), lines
