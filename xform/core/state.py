@@ -396,6 +396,13 @@ class TrainState:
         self._donate(by)
         return new
 
+    def _moved(self, device: torch.device, by: str, **changes: Any) -> "TrainState":
+        """``_relaid`` onto ``device``: the static part names the new device."""
+        spec = attrs.evolve(self._spec, device=device)
+        new = _evolve(self, spec=spec, life=_Life(_Runtime(spec)), **changes)
+        self._donate(by)
+        return new
+
     def _evolve_leaves(self, **changes: Any) -> "TrainState":
         """Same liveness and runtime, other non-tensor leaves (a handler's bookkeeping)."""
         return _evolve(self, life=self._life, **changes)
@@ -618,28 +625,37 @@ def _traced_update(state: TrainState, grads: dict[str, torch.Tensor], trace: "pr
     after the compiled step returns. The optimizer state must be initialized (``xf.jit``
     runs a state's first update eagerly)."""
     spec = state._spec
-    rt = state._runtime("TrainState.apply_gradients")
+    state._alive("TrainState.apply_gradients")
     glist = [grads[k] for k in spec.trainable]
-    bad = _nonfinite(glist, rt.extras)
-    trace.flags.append(bad)
+    # The check as reductions a compiler fuses (torch's fused check is an in-place kernel
+    # that a compiled graph runs on copies of every gradient).
+    ok = torch.stack([torch.isfinite(local_part(g)).all() for g in glist]).all()
+    trace.flags.append((~ok).float())
+    # The update runs on copies, then one select writes them back: a compiler fuses the
+    # copies into the update's first reads and the select into its last writes (an
+    # in-place update followed by a select back to a saved copy would keep the copy).
     opt_state = state._opt_state
-    if rt.optimizer is None:
-        rt.optimizer = build_optimizer(spec.optimizer, spec.trainable, state._params, opt_state)
     params = [state._params[k] for k in spec.trainable]
-    kept = params + [v for k in spec.trainable for v in opt_state["state"][k].values() if isinstance(v, torch.Tensor)]
-    groups = [g for g in rt.optimizer.param_groups if g.get("capturable") is False]
+    work = [p.detach().clone() for p in params]
+    work_state = {
+        k: {key: v.clone() if isinstance(v, torch.Tensor) else v for key, v in opt_state["state"][k].items()}
+        for k in spec.trainable
+    }
+    optimizer = build_optimizer(spec.optimizer, spec.trainable, work, {"initialized": True, "state": work_state})
+    groups = [g for g in optimizer.param_groups if g.get("capturable") is False] if trace.capturable else []
     with torch.no_grad():
-        old = [t.detach().clone() for t in kept]
         for g in groups:  # bias corrections from the step tensors on the device, not with .item()
             g["capturable"] = True
-        try:
-            optimizer_step(state, rt.optimizer, params, glist)
-        finally:
-            for g in groups:
-                g["capturable"] = False
-        ok = bad == 0
-        for t, o in zip(kept, old):
-            t.copy_(torch.where(ok, t, o))
+        optimizer_step(state, optimizer, work, glist)
+        for k, p, w in zip(spec.trainable, params, work):
+            p.copy_(torch.where(ok, w, p))
+            for key, v in opt_state["state"][k].items():
+                if not isinstance(v, torch.Tensor):
+                    continue
+                if v.device == ok.device:
+                    v.copy_(torch.where(ok, optimizer.state[w][key], v))
+                else:  # a host step count (capturable=False): written once the host reads the flag
+                    trace.pending.append((v, optimizer.state[w][key]))
     return state.successor(updated=True)
 
 
