@@ -7,7 +7,7 @@ The model is ``tests/inference_support.TinyLM`` in fp32 (residual MLP blocks of 
 to re-tie what xform keeps tied by itself), saved once as a sharded safetensors
 checkpoint. Each run is a fresh process with one torch thread: it warms up both engines'
 code paths on a tiny model (so lazy imports are charged to neither), takes its peak
-resident set (``ru_maxrss``) as the baseline, then loads the model with a CPU budget
+resident set (``VmHWM``; ``ru_maxrss`` would carry the parent's peak over) as the baseline, then loads the model with a CPU budget
 (``--cpu``, the rest on disk, blocks never split) and runs ``--repeat`` forwards of a
 (2, 16) batch:
 
@@ -93,7 +93,7 @@ def inference_rows(quick: bool, *, model_mb: int | None = None, cpu: str | None 
         for r in range(rounds):
             for e in (ENGINES if r % 2 == 0 else ENGINES[::-1]):
                 results[e].append(run(e, config, work / "ckpt", work, cpu, repeat))
-    rows = [f"big-model inference from disk: {mib:.0f} MiB fp32 model, cpu budget {cpu}, {rounds} rounds x {repeat} "
+    rows = ["== offload: inference", f"big-model inference from disk: {mib:.0f} MiB fp32 model, cpu budget {cpu}, {rounds} rounds x {repeat} "
             "forwards, 1 thread; median [quartiles] over rounds"]
     rows.append(f"{'engine':<12} {'load s':>22} {'forward s':>22} {'peak above warm MiB':>24} {'above bare MiB':>22}  output")
     for e in ENGINES:

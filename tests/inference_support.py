@@ -111,6 +111,15 @@ def warm_up(directory: str, engines=("xform",)) -> None:
 
 
 def rss_peak() -> int:
+    """This process's peak resident set, in bytes: ``VmHWM`` (per address space, so a
+    child does not inherit its parent's peak, as ``ru_maxrss`` does across fork and exec)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
 
 

@@ -93,6 +93,26 @@ def test_load_weights_reads_every_format(tmp_path):
         assert m.head.weight is m.embed.weight
 
 
+def test_load_weights_reads_the_several_process_layout(tmp_path):
+    """xf.save's DCP layout (what several processes write), made here in one process with
+    DCP itself and the meta.json xf.save writes beside it: catches names or shapes of the
+    DCP reader taken from the wrong leaves."""
+    import torch.distributed.checkpoint as dcp
+
+    model, want = reference(6)
+    state = xf.TrainState.create(model, optimizer=torch.optim.SGD, lr=0.1, seed=0)
+    xf.save(state, tmp_path / "single")
+    meta = json.loads((tmp_path / "single" / "meta.json").read_text())
+    tensors = torch.load(tmp_path / "single" / "tensors.pt", weights_only=True)
+    (tmp_path / "multi").mkdir()
+    with pytest.warns(UserWarning, match="single process"):
+        dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(tmp_path / "multi" / "dcp")), no_dist=True)
+    (tmp_path / "multi" / "meta.json").write_text(json.dumps({**meta, "layout": "dcp"}))
+    m = xf.load_weights(fresh(), tmp_path / "multi")
+    with torch.no_grad():
+        assert torch.equal(m(s.tokens(SMALL, 6)), want)
+
+
 def test_xform_checkpoint_to_disk_blocks(tmp_path):
     """xf.save's format has no safetensors to point at: disk blocks are copied into
     offload_dir. Catches a copy with the wrong bytes or names."""

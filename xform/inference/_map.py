@@ -96,6 +96,7 @@ class DeviceMap(Mapping[str, str]):
     plain dict with ``DeviceMap.of``.
 
     ``sizes`` holds each block's bytes (tied tensors counted once, in their first block);
+    ``reserved`` the bytes kept free on the execution device for two streamed blocks;
     ``execution`` the device that runs blocks kept on ``"cpu"`` or ``"disk"`` (the first
     accelerator in the map, else ``"cpu"``).
 
@@ -109,6 +110,7 @@ class DeviceMap(Mapping[str, str]):
     blocks: tuple[tuple[str, str], ...]
     sizes: tuple[int, ...] = attrs.field(default=())
     budgets: tuple[tuple[str, float], ...] = attrs.field(default=())
+    reserved: int = 0
 
     @classmethod
     def of(cls, mapping: "Mapping[str, str] | DeviceMap") -> "DeviceMap":
@@ -146,6 +148,8 @@ class DeviceMap(Mapping[str, str]):
             rows.append(("", "", ""))
             for dev, n in totals.items():
                 rows.append((f"total on {dev}", dev, fmt_bytes(n) + (f" of {fmt_bytes(budgets[dev])}" if dev in budgets else "")))
+            if self.reserved:
+                rows.append(("kept for 2 streamed blocks", self.execution, fmt_bytes(self.reserved)))
         w = [max(len(r[i]) for r in rows) for i in range(3)]
         return "\n".join(f"{r[0]:<{w[0]}}  {r[1]:<{w[1]}}  {r[2]:>{w[2]}}".rstrip() for r in rows)
 
@@ -287,5 +291,6 @@ def device_map(module: nn.Module, *, max_memory: Mapping[str, int | str | None],
                     f"{api}: the model ({fmt_bytes(total)}) does not fit in max_memory {dict(max_memory)!r}: "
                     f"{fmt_bytes(left)} from {unit or '(model)'!r} on have no room; raise a budget or add "
                     f"'disk': None to max_memory (offload_dir then holds those blocks)")
+    offloaded = any(d == "disk" or (d in _OFFLOAD and d != execution) for _, d, _ in placed)
     return DeviceMap(tuple((u, d) for u, d, _ in placed), tuple(n for _, _, n in placed),
-                     tuple((d, budgets[d]) for d in order))
+                     tuple((d, budgets[d]) for d in order), reserve if offloaded else 0)

@@ -14,6 +14,7 @@ import json
 import mmap
 import os
 import struct
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -96,12 +97,15 @@ def read(entry: Entry, *, pin: bool = False, mapped: bool = False) -> torch.Tens
     """
     if mapped and entry.nbytes >= _OWN_MAP and not pin:
         start = entry.offset - entry.offset % mmap.ALLOCATIONGRANULARITY
-        flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0)
+        # Read-only: populating a writable private map would copy every page (the kernel
+        # breaks copy-on-write ahead of time); a read-only one maps the page cache's pages.
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
         with open(entry.file, "rb") as f:
-            region = mmap.mmap(f.fileno(), entry.offset - start + entry.nbytes, flags=flags,
-                               prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
-        # Copy-on-write: a write to the tensor never reaches the file.
-        flat = torch.frombuffer(region, dtype=torch.uint8, offset=entry.offset - start, count=entry.nbytes)
+            region = mmap.mmap(f.fileno(), entry.offset - start + entry.nbytes, flags=flags, prot=mmap.PROT_READ,
+                               offset=start)
+        with warnings.catch_warnings():  # "the given buffer is not writable": weights are read, never written
+            warnings.simplefilter("ignore", UserWarning)
+            flat = torch.frombuffer(region, dtype=torch.uint8, offset=entry.offset - start, count=entry.nbytes)
         return flat.view(entry.dtype).view(entry.shape)
     t = torch.empty(entry.shape, dtype=entry.dtype, pin_memory=pin)
     if entry.nbytes:

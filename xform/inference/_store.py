@@ -7,6 +7,7 @@ import json
 import mmap
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -139,7 +140,9 @@ class XformDCP(Source):
         import torch.distributed.checkpoint as dcp
 
         out = {n: torch.empty(self.specs[n][1], dtype=self.specs[n][0]) for n in names}
-        dcp.load({self._keys[n]: t for n, t in out.items()}, checkpoint_id=str(self.path / "dcp"), no_dist=True)
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load({self._keys[n]: t for n, t in out.items()}, checkpoint_id=str(self.path / "dcp"), no_dist=True)
         return out
 
 
