@@ -151,3 +151,12 @@ def error_of(case: str) -> str:
     except (ValueError, TypeError, RuntimeError) as e:
         return str(e)
     return "no error"
+
+
+def resident(schedule: str) -> list[str]:
+    """The module's parameters that hold values on this process after ``init``."""
+    s = xf.shard(step, xf.Pipeline(schedule=schedule))
+    state = s.init(xf.TrainState.create(model(), optimizer=OPTIMIZERS["sgd"]))
+    names = sorted(k for k, p in state.module.named_parameters() if not p.is_meta)
+    assert names == sorted(state.params), (names, sorted(state.params))
+    return names

@@ -102,6 +102,25 @@ def test_split_by_name_and_by_cost(pool2):
         plan_stages(m, 2, ("7",))
 
 
+def test_each_process_holds_only_its_stages(pool2):
+    """After init, the module's other stages are meta tensors on each process (interleaved:
+    stages 0, 2 on process 0 and 1, 3 on process 1). Catches: every process keeping the
+    whole model's values (no memory saved), a stage assigned to the wrong process."""
+    zero, one = pool2.run(sup.resident, "interleaved_1f1b")
+    assert zero == ["0.bias", "0.weight", "4.bias", "4.weight"], zero
+    assert one == ["2.bias", "2.weight", "6.bias", "6.weight"], one
+
+
+def test_the_backend_module_examples_run():
+    """plan_stages's docstring examples (tests/test_doctests.py walks xform/ only)."""
+    import doctest
+
+    from xform.backends.torch_native import pipeline
+
+    result = doctest.testmod(pipeline)
+    assert result.attempted >= 4 and result.failed == 0, result
+
+
 def test_checkpoint_loads_into_one_process_and_another_pipeline(pool2, pool4, tmp_path):
     """A pp=2 state saved after 2 AdamW steps loads (params, optimizer state, step) into
     one process and into pp=4 (gpipe, 4 processes) and into pp=2 x dp=2; one more step

@@ -58,11 +58,13 @@ def plan_stages(module: torch.nn.Module, stages: int, split: tuple[str, ...] | N
 
     Example:
         >>> import torch
-        >>> m = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+        >>> m = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
         >>> plan_stages(m, 2, None)
         [['0', '1'], ['2', '3']]
         >>> plan_stages(m, 2, ("3",))
         [['0', '1', '2'], ['3']]
+        >>> plan_stages(m, 3, None)
+        [['0'], ['1'], ['2', '3']]
     """
     if not isinstance(module, torch.nn.Sequential):
         raise TypeError(
@@ -231,6 +233,7 @@ class PipelineLayout:
             buffer_aliases={k: v for k, v in spec.buffer_aliases.items() if k in buffers},
         )
         opt = {"initialized": False, "state": placeholder_opt_state(spec.optimizer, params, trainable)}
+        _release_others(spec, params, buffers)
         return relaid(
             state, "shard's step.init, which kept this process's pipeline stages",
             params=params, buffers=buffers, opt_state=opt, spec=new_spec,
@@ -273,6 +276,20 @@ class PipelineLayout:
             sched = cls(stages[0], n_microbatches=m, loss_fn=loss_fn, scale_grads=False)
         self._schedule, self._key = sched, key
         return sched
+
+
+def _release_others(spec: Any, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]) -> None:
+    """Points the module's slots for other processes' stages at meta tensors of the same
+    shapes, so that this process holds only its stages' values (the old state, donated,
+    is the last holder of the others)."""
+    for table, slot, mine in ((spec.aliases, "_parameters", params), (spec.buffer_aliases, "_buffers", buffers)):
+        for name, owners in table.items():
+            if name in mine:
+                continue
+            for owner, attr in owners:
+                t = getattr(owner, slot)[attr]
+                meta = torch.empty_like(t, device="meta")
+                getattr(owner, slot)[attr] = torch.nn.Parameter(meta, t.requires_grad) if slot == "_parameters" else meta
 
 
 def _child(name: str) -> str:
