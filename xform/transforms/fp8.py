@@ -18,6 +18,7 @@ same scales from the same params.
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 import attrs
@@ -90,6 +91,11 @@ class Float8:
     fsdp_float8_all_gather: bool = attrs.field(default=False, kw_only=True)
 
     def __attrs_post_init__(self) -> None:
+        if importlib.util.find_spec("torchao") is None:
+            raise ImportError(
+                "Float8: fp8 training needs torchao (its float8 training); install it: "
+                "pip install 'torchao>=0.10' (or use mixed_precision(step, 'bf16'))"
+            )
         if self.fsdp_float8_all_gather and self.scaling != "tensorwise":
             raise ValueError(
                 f"Float8: fsdp_float8_all_gather needs scaling='tensorwise' (torchao's fp8 all-gather), "
