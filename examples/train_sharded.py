@@ -4,6 +4,9 @@
     .venv/bin/xform launch --nproc 2 examples/train_sharded.py --steps 20 --ckpt-dir runs/sharded
     # the same file as one plain process resumes that checkpoint (resharded 2 -> 1)
     .venv/bin/python examples/train_sharded.py --steps 40 --ckpt-dir runs/sharded
+    # the same script on DeepSpeed's engine (ZeRO-3 there; its checkpoint also resumes
+    # as one plain process, from its consolidated fp32 params and optimizer state)
+    .venv/bin/xform launch --nproc 2 examples/train_sharded.py --backend deepspeed --ckpt-dir runs/ds
 
 The global batch is the same on any number of processes (``--global-batch``), so the
 resumed run continues with exactly the next global batches.
@@ -61,11 +64,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--global-batch", type=int, default=64)
     parser.add_argument("--strategy", default="zero3")
+    parser.add_argument("--backend", default=None, choices=("torch", "deepspeed"),
+                        help="torch (default) or deepspeed (zero1/zero2/zero3 on DeepSpeed's engine)")
     parser.add_argument("--ckpt-dir", default="runs/sharded")
     args = parser.parse_args()
 
     rt = xf.distributed.initialize()
-    train_step = xf.shard(xf.accumulate(xf.mixed_precision(step, "bf16"), 4), strategy=args.strategy)
+    backend = args.backend if rt.world_size > 1 else None  # one plain process: no engine to run
+    train_step = xf.shard(xf.accumulate(xf.mixed_precision(step, "bf16"), 4), strategy=args.strategy, backend=backend)
     state = train_step.init(xf.TrainState.create(Model(), optimizer=torch.optim.AdamW, lr=3e-3, seed=0))
     manager = xf.CheckpointManager(args.ckpt_dir, keep=2)
     if manager.latest() is not None:
@@ -81,7 +87,7 @@ def main() -> None:
             if state.step % 5 == 0:  # the same on every process: the collective below is matched
                 loss = xf.distributed.reduce(metrics["loss"], op="mean")
                 if rt.is_main_process:
-                        print(f"step {state.step:3d}  loss {float(loss):.4f}  ({rt.world_size} process(es), {args.strategy})")
+                        print(f"step {state.step:3d}  loss {float(loss):.4f}  ({rt.world_size} process(es), {args.strategy}, {backend or 'torch'})")
             if state.step >= args.steps:
                 break
     path = manager.save(state)
