@@ -36,8 +36,9 @@ Method: each variant builds its own model (same seed: the same weights) and stat
 up (``--warmup`` steps; compilation happens there and its time is printed), then runs
 ``--rounds`` rounds of ``--steps`` steps, each timed with a device sync at both ends. On
 cuda the variants run one after another (four 1B states with their AdamW moments and one
-step's activations do not fit at once), each freed before the next; on cpu they run in
-interleaved rounds, the order rotating. Printed per variant: seconds per step, median
+step's activations do not fit at once), each freed before the next, its peak memory
+printed; on cpu they run in interleaved rounds, the order rotating (``--[no-]sequential``
+chooses). Printed per variant: seconds per step, median
 with quartiles over rounds [q1, q3], tokens/s, MFU, the last loss, and the speedup over
 bf16 eager with its quartiles (ratios of round medians on cuda; paired per round on cpu).
 A variant that runs out of memory or fails is reported as such and the others still run.
@@ -236,6 +237,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fp8-min-params", type=int, default=None, help="Float8(min_params=...) (default 2**20; tiny: 0)")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak bf16 TFLOP/s for MFU (default: 989 on cuda)")
     p.add_argument("--threads", type=int, default=None, help="torch threads on cpu (default: all)")
+    p.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=None,
+                   help="variants one after another, each freed before the next (default on cuda), or interleaved")
     p.add_argument("--quick", action="store_true", help="tiny config on cpu, 2 short rounds: checks the script runs")
     args = p.parse_args(argv)
     if args.quick:
@@ -280,7 +283,9 @@ def main(argv: list[str] | None = None) -> None:
     del probe
 
     results: dict[str, Runner | str] = {}
-    if cuda:  # one after another: four 1B states do not fit at once
+    if args.sequential is None:
+        args.sequential = cuda
+    if args.sequential:  # one after another: four 1B states do not fit at once
         for name in names:
             r = guarded(name, lambda name=name: build(name, args, batch))
             if isinstance(r, Runner):
@@ -289,6 +294,11 @@ def main(argv: list[str] | None = None) -> None:
                     r.error = out
                 r.free()
             results[name] = r
+            gc.collect()  # also what a failed variant left
+            if cuda:
+                print(f"  {name}: peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB", flush=True)
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
     else:  # interleaved rounds, the order rotating
         for name in names:
             results[name] = guarded(name, lambda name=name: build(name, args, batch))
@@ -315,7 +325,7 @@ def main(argv: list[str] | None = None) -> None:
         mfu = f"{100 * tps * per_token / peak:5.1f}%" if peak else "   n/a"
         if base_times is None:
             ratio = "n/a"
-        elif cuda or len(base_times) != len(r.times):  # runs one after another: ratios of medians, quartiles crossed
+        elif args.sequential or len(base_times) != len(r.times):  # runs one after another: ratios of medians, quartiles crossed
             b, bq1, bq3 = quartiles(base_times)
             ratio = f"{b / med:.3f} [{bq1 / q3:.3f}, {bq3 / q1:.3f}]"
         else:  # paired by round
