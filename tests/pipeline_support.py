@@ -77,7 +77,7 @@ def _loss(v) -> float:
 
 def pipelined(
     schedule: str, loss: str, opt: str, *, dp: int = 1, steps: int = 3, microbatches: int = 2,
-    accumulate: int = 1, split=None, stages=None, save: str | None = None, load: str | None = None, start: int = 0,
+    accumulate: int = 1, split=None, stages=None, dp_mode: str = "replicate", save: str | None = None, load: str | None = None, start: int = 0,
 ):
     """Trains on this process's slice of the global batches under a pipeline; returns
     this process's params, the losses it saw, and its step."""
@@ -85,7 +85,7 @@ def pipelined(
     pp = world // dp
     strategy = xf.Pipeline(
         schedule=schedule, microbatches=microbatches, split=split, stages=stages,
-        data_parallel="replicate" if dp > 1 else None,
+        data_parallel=dp_mode if dp > 1 else None,
     )
     mesh = xf.mesh(pp=pp, dp=dp) if dp > 1 else None
     s = xf.shard(STEPS[loss], strategy, mesh=mesh)
@@ -102,7 +102,8 @@ def pipelined(
         losses.append(_loss(m["loss"]))
     if save:
         xf.save(state, save)
-    return {k: v.detach().clone() for k, v in state.params.items()}, losses, state.step
+    full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone() for k, v in state.params.items()}
+    return full, losses, state.step
 
 
 def error_of(case: str) -> str:

@@ -66,12 +66,15 @@ def test_pp2_equals_the_single_process_step(pool2, schedule):
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
 def test_pp2_x_dp2_equals_the_single_process_step(pool4, schedule):
-    """pp=2 x dp=2 on 4 processes (each dp replica gets half of the global batch).
-    Catches: a stage's gradients not all-reduced over dp (replicas drift apart, which
-    ``_merged`` checks exactly), the mean over dp missing (a gradient twice too large
-    under SGD), the xf.Mean count not summed over dp, the dp and pp groups swapped."""
-    _check(pool4.run(sup.pipelined, schedule, "plain", "sgd", dp=2), "plain", "sgd")
-    _check(pool4.run(sup.pipelined, schedule, "mean", "adamw", dp=2), "mean", "adamw")
+    """pp=2 x dp=2 on 4 processes (each dp replica gets half of the global batch), the
+    stages replicated over dp and fully sharded over dp (FSDP2). Catches: a stage's
+    gradients not all-reduced over dp (replicas drift apart, which ``_merged`` checks
+    exactly), the mean over dp missing (a gradient twice too large under SGD), the
+    xf.Mean count not summed over dp, the dp and pp groups swapped, FSDP's
+    reduce-scatter averaging instead of summing, or summed twice (all-reduced again)."""
+    for mode in ("replicate", "fsdp"):
+        _check(pool4.run(sup.pipelined, schedule, "plain", "sgd", dp=2, dp_mode=mode), "plain", "sgd")
+        _check(pool4.run(sup.pipelined, schedule, "mean", "adamw", dp=2, dp_mode=mode), "mean", "adamw")
 
 
 def test_accumulate_around_a_pipeline_is_k_times_m_micro_batches(pool2):
@@ -133,12 +136,27 @@ def test_checkpoint_loads_into_one_process_and_another_pipeline(pool2, pool4, tm
     one, _ = sup.reference("plain", "adamw", steps=3, load=path, start=2)
     for k in ref3:
         torch.testing.assert_close(one[k], ref3[k], rtol=RTOL, atol=ATOL)
-    for kwargs in ({"stages": 4}, {"dp": 2}):
+    for kwargs in ({"stages": 4}, {"dp": 2}, {"dp": 2, "dp_mode": "fsdp"}):
         results = pool4.run(sup.pipelined, "gpipe", "plain", "adamw", steps=3, load=path, start=2, **kwargs)
         assert {s for _, _, s in results} == {3}
         full = _merged(results)
         for k in ref3:
             torch.testing.assert_close(full[k], ref3[k], rtol=RTOL, atol=ATOL, msg=f"{k} after load into {kwargs}")
+
+
+def test_checkpoint_of_pp_x_fsdp_loads_into_one_process_and_pp_alone(pool2, pool4, tmp_path):
+    """A pp=2 x dp=2 (fsdp) state, its params and AdamW state sharded DTensors, saved
+    after 2 steps loads into one process and into pp=2 without dp; one more step equals
+    the uninterrupted run. Catches: the union of leaves losing the DTensors' global
+    shapes, a dp shard written twice or not at all."""
+    path = str(tmp_path / "ckpt")
+    pool4.run(sup.pipelined, "1f1b", "plain", "adamw", dp=2, dp_mode="fsdp", steps=2, save=path)
+    ref3, _ = sup.reference("plain", "adamw", steps=3)
+    one, _ = sup.reference("plain", "adamw", steps=3, load=path, start=2)
+    full = _merged(pool2.run(sup.pipelined, "interleaved_1f1b", "plain", "adamw", steps=3, load=path, start=2))
+    for k in ref3:
+        torch.testing.assert_close(one[k], ref3[k], rtol=RTOL, atol=ATOL, msg=f"{k} after load into 1 process")
+        torch.testing.assert_close(full[k], ref3[k], rtol=RTOL, atol=ATOL, msg=f"{k} after load into pp=2")
 
 
 @pytest.mark.parametrize(
@@ -167,8 +185,8 @@ def test_wrap_time_errors():
         xf.Pipeline(microbatches=0)
     with pytest.raises(ValueError, match="cuts 2 stages but stages=3"):
         xf.Pipeline(split=("2",), stages=3)
-    with pytest.raises(ValueError, match="data_parallel must be None or 'replicate'"):
-        xf.Pipeline(data_parallel="fsdp")
+    with pytest.raises(ValueError, match="data_parallel must be None, 'replicate' or 'fsdp'"):
+        xf.Pipeline(data_parallel="zero2")
     with pytest.raises(ValueError, match="accumulate inside a pipelined shard"):
         xf.shard(xf.accumulate(sup.step, 2), xf.Pipeline())
 

@@ -36,7 +36,7 @@ from xform.core.mean import Mean
 from xform.core.optim import placeholder_opt_state
 from xform.core.primitives import Handler, Reducer, handlers
 from xform.core.state import TrainState
-from xform.core.strategies import Pipeline
+from xform.core.strategies import FullyShard, Pipeline
 from xform.core.transform import transforms_of
 
 from .common import _broadcast_state, _check_fresh, _default_group
@@ -143,6 +143,7 @@ class PipelineLayout:
         self.strategy, self.mesh = strategy, mesh
         self._schedule: Any = None
         self._key: Any = None
+        self._modules: dict[tuple[int, int], torch.nn.Module] = {}  # (model, stage) -> stage module made at init (fsdp)
 
     # --- groups ---------------------------------------------------------------------------
 
@@ -170,7 +171,7 @@ class PipelineLayout:
             )
             raise ValueError(
                 f"shard(pp): the mesh axes {extra} are not used by {s}; the supported layouts are pp alone and "
-                f"pp x dp (data_parallel='replicate'); {hint}"
+                f"pp x dp (data_parallel='replicate' or 'fsdp'); {hint}"
             )
         if s.data_parallel and s.dp_axis not in names:
             raise ValueError(
@@ -224,6 +225,19 @@ class PipelineLayout:
         bkeep = [k for k in state.buffers if _child(k) in {c for i in ids for c in plan[i]}]
         params = {k: state.params[k] for k in keep}
         buffers = {k: state.buffers[k] for k in bkeep}
+        _release_others(spec, params, buffers)
+        if self.strategy.data_parallel == "fsdp":  # each stage sharded over dp: its params become DTensors
+            from .fully_shard import _check_shardable, _fully_shard_units
+
+            children = dict(spec.module.named_children())
+            dp_mesh = self.mesh[self.strategy.dp_axis]
+            for i in ids:
+                stage = _stage_module(children, plan[i])
+                _check_shardable(stage, FullyShard())
+                _fully_shard_units(stage, dp_mesh, FullyShard(), None)
+                self._modules[(id(spec.module), i)] = stage
+            now = dict(spec.module.named_parameters())
+            params = {k: now[k] for k in keep}
         trainable = tuple(k for k in spec.trainable if k in params)
         new_spec = attrs.evolve(
             spec,
@@ -233,7 +247,6 @@ class PipelineLayout:
             buffer_aliases={k: v for k, v in spec.buffer_aliases.items() if k in buffers},
         )
         opt = {"initialized": False, "state": placeholder_opt_state(spec.optimizer, params, trainable)}
-        _release_others(spec, params, buffers)
         return relaid(
             state, "shard's step.init, which kept this process's pipeline stages",
             params=params, buffers=buffers, opt_state=opt, spec=new_spec,
@@ -252,6 +265,7 @@ class PipelineLayout:
     # --- the schedule ---------------------------------------------------------------------
 
     def schedule(self, state: TrainState, group: Any, rank: int, pp: int, loss_fn: Any, key: Any) -> Any:
+        key = (id(static(state).module), key)  # another model (a second init) gets its own stages
         if self._schedule is not None and self._key == key:
             self._schedule._loss_fn = loss_fn
             return self._schedule
@@ -262,9 +276,7 @@ class PipelineLayout:
         plan = plan_stages(spec.module, total, self.strategy.split)
         children = dict(spec.module.named_children())
         stages = [
-            PipelineStage(
-                torch.nn.Sequential(OrderedDict((n, children[n]) for n in plan[i])), i, total, spec.device, group=group,
-            )
+            PipelineStage(self._modules.get((id(spec.module), i)) or _stage_module(children, plan[i]), i, total, spec.device, group=group)
             for i in self.stage_ids(pp, rank)
         ]
         m = self.strategy.microbatches
@@ -276,6 +288,11 @@ class PipelineLayout:
             sched = cls(stages[0], n_microbatches=m, loss_fn=loss_fn, scale_grads=False)
         self._schedule, self._key = sched, key
         return sched
+
+
+def _stage_module(children: dict[str, torch.nn.Module], names: list[str]) -> torch.nn.Module:
+    """A stage: the model's children ``names`` in order (the same modules and tensors)."""
+    return torch.nn.Sequential(OrderedDict((n, children[n]) for n in names))
 
 
 def _release_others(spec: Any, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]) -> None:
@@ -325,6 +342,7 @@ class _PipelineHandler(Reducer):
         self.dp_group, self.dp = dp_group, dp
         self.m = layout.strategy.microbatches
         self.pieces = self.m * dp
+        self.sharded = layout.strategy.data_parallel == "fsdp"
         self.mode = "idle"
         self.fns: list[Any] = []
         self.out: Any = None
@@ -444,7 +462,7 @@ class _PipelineHandler(Reducer):
             g = params[k].grad
             grads[k] = g if g is not None else torch.zeros_like(params[k])
             params[k].grad = None
-        if self.dp > 1 and grads:
+        if self.dp > 1 and grads and not self.sharded:  # fsdp reduce-scattered them in backward
             flat = torch.cat([g.reshape(-1) for g in grads.values()])
             dist.all_reduce(flat, group=self.dp_group)
             offset = 0

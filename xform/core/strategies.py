@@ -127,8 +127,9 @@ class Pipeline:
         microbatches: micro-batches per step (the per-process batch must divide by it).
         split: names of the children that start a new stage (``len(split) + 1`` stages).
         axis: the pipeline mesh axis.
-        data_parallel: ``None`` or ``"replicate"``: each stage replicated over ``dp_axis``,
-            its gradients all-reduced there.
+        data_parallel: ``None``, ``"replicate"`` (each stage replicated over ``dp_axis``,
+            its gradients all-reduced there) or ``"fsdp"`` (each stage fully sharded over
+            ``dp_axis`` with FSDP2, its gradients reduce-scattered there).
         dp_axis: the data-parallel mesh axis.
 
     Example:
@@ -163,10 +164,9 @@ class Pipeline:
                     f"Pipeline: split={self.split!r} cuts {len(self.split) + 1} stages but stages={self.stages}; "
                     "give len(split) + 1 stages, or leave stages out"
                 )
-        if self.data_parallel not in (None, "replicate"):
+        if self.data_parallel not in (None, "replicate", "fsdp"):
             raise ValueError(
-                f"Pipeline: data_parallel must be None or 'replicate', got {self.data_parallel!r} "
-                "(fsdp over the data-parallel axis of a pipeline is not supported in this version)"
+                f"Pipeline: data_parallel must be None, 'replicate' or 'fsdp', got {self.data_parallel!r}"
             )
 
 
