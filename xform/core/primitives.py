@@ -142,10 +142,15 @@ class Trace:
     "gradient not finite" flag of each update, so that the update becomes a select on
     the device instead of a host read, and the compiled step returns the flag."""
 
-    __slots__ = ("flags",)
+    __slots__ = ("flags", "capturable", "pending")
 
-    def __init__(self) -> None:
+    def __init__(self, *, capturable: bool = True) -> None:
         self.flags: list[torch.Tensor] = []
+        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (tensor, new value) off the flag's device
+        # the optimizer's step counts as tensors on the device (make_fx must not read them on
+        # the host); False where host reads of CPU step counts are free and the device has no
+        # capturable kernels (XLA's lazy tensors)
+        self.capturable = capturable
 
 
 _TRACING: contextvars.ContextVar[Trace | None] = contextvars.ContextVar("xform_tracing", default=None)
