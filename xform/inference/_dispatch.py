@@ -60,7 +60,11 @@ class _Runner:
         cuda = block.execution.type == "cuda"
         out = {}
         event = None
-        stream = self.streams.setdefault(block.execution, torch.cuda.Stream(block.execution)) if cuda and self.prefetch else None
+        stream = None
+        if cuda and self.prefetch:  # copies on a side stream of their own, overlapping the block running
+            if block.execution not in self.streams:
+                self.streams[block.execution] = torch.cuda.Stream(block.execution)
+            stream = self.streams[block.execution]
         ctx = torch.cuda.stream(stream) if stream is not None else _Null()
         with torch.no_grad(), ctx:
             for c, home in block.remote.items():
