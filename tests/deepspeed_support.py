@@ -14,6 +14,13 @@ OPTIMIZERS = {
 }
 
 
+def _schedule(step: int) -> float:
+    return 0.2 / (1 + step)
+
+
+OPTIMIZERS["sgd-schedule"] = dict(optimizer=torch.optim.SGD, lr=_schedule, momentum=0.9)
+
+
 def model() -> torch.nn.Module:
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))

@@ -154,3 +154,18 @@ def test_stage_memory_estimate_falls_with_the_stage_and_offload():
     assert estimate_stage_memory(10**6, 8, 4, 3, offload_optimizer="cpu", **kw) == (2 + 2) * 10**6 // 4
     assert estimate_stage_memory(10**6, 8, 4, 3, offload_optimizer="cpu", offload_params="cpu", **kw) == 2 * 10**6 // 4
     assert estimate_stage_memory(10**6, 8, 1, 1, low_precision=False) == (4 + 4 + 12) * 10**6
+
+
+def test_docstring_examples_of_the_backend_run():
+    """tests/test_doctests.py walks ``xform``'s own directory, not ``backends/``: run this
+    backend's examples here."""
+    import doctest
+    import importlib
+
+    ran = 0
+    for name in ("xform.backends.deepspeed.config", "xform.backends.deepspeed.layout"):
+        module = importlib.import_module(name)
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert result.failed == 0, name
+        ran += result.attempted
+    assert ran >= 3

@@ -41,14 +41,19 @@ def test_fp32_equals_the_single_process_step_with_and_without_accumulate(pool2, 
 
 def test_adamw_with_clipping_and_a_global_mean_loss(pool2):
     """AdamW under clipping (max_grad_norm -> gradient_clipping; the clipped reference
-    differs from the unclipped one, so a dropped clip fails) and an xf.Mean loss
-    normalized by the global item count (not per process)."""
+    differs from the unclipped one, so a dropped clip fails), a learning-rate schedule
+    (lost: the constant first lr), and an xf.Mean loss normalized by the global item count
+    (not per process)."""
     clipped, _ = sup.reference(2, "fp32", "adamw", clip=0.05)
     unclipped, _ = sup.reference(2, "fp32", "adamw")
     assert _relative_error(clipped, unclipped) > 1e-3
     for full, step, _ in pool2.run(sup.ds_run, 3, 2, "fp32", "adamw", clip=0.05):
         for k in clipped:
             torch.testing.assert_close(full[k], clipped[k], rtol=1e-5, atol=1e-6)
+    scheduled, _ = sup.reference(2, "fp32", "sgd-schedule")  # lr = schedule(step), set at each boundary
+    for full, step, _ in pool2.run(sup.ds_run, 2, 2, "fp32", "sgd-schedule"):
+        for k in scheduled:
+            torch.testing.assert_close(full[k], scheduled[k], rtol=1e-5, atol=1e-6)
     want, _ = sup.reference(1, "fp32", "sgd", loss="sum_step")
     for stage in (1, 3):
         for full, step, _ in pool2.run(sup.ds_run, stage, 1, "fp32", "sgd", loss="sum_step"):
