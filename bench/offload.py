@@ -53,6 +53,8 @@ def quartiles(xs: list[float]) -> tuple[float, float, float]:
 
 def fmt(xs: list[float], unit: str = "", scale: float = 1.0) -> str:
     lo, mid, hi = (x * scale for x in quartiles(xs))
+    if unit == "x":  # ratios: two decimals, always
+        return f"{mid:.2f}{unit} [{lo:.2f}, {hi:.2f}]"
     return f"{mid:.3g}{unit} [{lo:.3g}, {hi:.3g}]"
 
 
