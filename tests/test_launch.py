@@ -129,6 +129,7 @@ def test_a_failing_script_fails_the_launch(runs):
         (["--rdzv-backend", "etcd", "s.py"], "--rdzv-backend etcd needs --rdzv-endpoint HOST:PORT"),
         (["--nnodes", "2", "--master-addr", "h", "s.py"], "--nnodes 2 with --master-addr needs --node-rank I"),
         (["--nproc", "2", "no-such-script.py"], "no script at 'no-such-script.py'"),
+        (["--backend", "xla", "--nproc", "2", "s.py"], "--backend xla runs one process (SPMD over every XLA device"),
     ],
 )  # fmt: skip
 def test_bad_launches_are_refused_before_starting(argv, message, capsys, monkeypatch, tmp_path):

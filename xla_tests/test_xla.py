@@ -153,3 +153,32 @@ def test_bad_settings_are_refused_with_the_fix():
     state = s.init(make())
     with pytest.raises(ValueError, match=r"the batch has 6 rows, which do not divide over the 4 XLA devices"):
         s(state, data(n=1, rows=6)[0])
+
+
+def test_configure_with_the_xla_backend_equals_the_transforms_by_hand():
+    """xf.configure / xform launch --backend xla choose this backend from the one table:
+    the configured step is shard(accumulate(mixed_precision(step))) on XLA; a setting lost
+    on the way (accumulation, precision) changes the result."""
+    from xform.cli._config import LaunchConfig
+
+    cfg = LaunchConfig(backend="xla", strategy="zero3", precision="bf16", accumulation_steps=2)
+    configured = xf.configure(step, cfg)
+    by_hand = xf.shard(xf.accumulate(xf.mixed_precision(step, "bf16"), 2), "zero3", backend="xla")
+    a, _ = run(configured, configured.init(make()), data(n=3))
+    b, _ = run(by_hand, by_hand.init(make()), data(n=3))
+    assert configured.xform.names == ("mixed_precision", "accumulate", "shard")
+    assert_states_close(on_cpu(a), on_cpu(b), rtol=0, atol=0)
+
+
+def test_the_benchmark_runs_and_prints_its_ratio():
+    import pathlib
+    import re
+    import subprocess
+    import sys
+
+    script = pathlib.Path(__file__).parents[1] / "bench" / "xla.py"
+    out = subprocess.run([sys.executable, str(script), "--quick"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert re.search(r"ratio xla/eager \(paired per round\): [\d.]+ \[[\d.]+, [\d.]+\]", out.stdout), out.stdout
+    counts = re.search(r"XLA compilations: (\d+) after warm-up, (\d+) at the end", out.stdout)
+    assert counts and counts[1] == counts[2], out.stdout

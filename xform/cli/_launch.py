@@ -148,6 +148,11 @@ def run(args: argparse.Namespace) -> int:
         config, sources = resolve_config_with_sources(args, path=args.config)
     except (ValueError, FileNotFoundError) as e:
         raise CommandError(str(e)) from None
+    if config.backend == "xla" and config.nproc_per_node * config.nnodes > 1:
+        raise CommandError(
+            f"--backend xla runs one process (SPMD over every XLA device of the host), not "
+            f"{config.nproc_per_node * config.nnodes}; pass --nproc 1 (PJRT_DEVICE picks the devices)"
+        )
     options = _torchrun_options(args, config.nproc_per_node, config.nnodes)
     argv = options + [args.script] + _script_args(args)
     if not args.module and not os.path.isfile(args.script):
