@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import xform as xf
 from xform.testing import assert_states_close
 
-from _util import batch, good, init, make_state, scaled_step
+from _util import batch, good, init, make_state, scaled_step, token_step
 
 
 def counting(backend: str):
@@ -74,6 +74,25 @@ def test_jitted_step_equals_the_eager_step_bit_for_bit(variant):
         assert_states_close(state.opt_state, eager.opt_state, rtol=0, atol=0)
     assert state.transforms["nonfinite"] == {"skipped": 1, "consecutive": 0}
     assert fast.compilations == 1 and backend.graphs == 1  # the first step runs eagerly, then one graph
+
+
+def test_token_count_losses_over_uneven_micro_batches_equal_eager():
+    """Catches the token counts (tensors, different per micro-batch and per step) being
+    baked into the graph at trace time: later steps would divide by the first step's
+    count. ``xf.Mean`` losses, accumulate(2), masked labels varying per step."""
+    wrapped = xf.accumulate(token_step, 2)
+    fast = xf.jit(wrapped, backend="aot_eager")
+    state = make_state(optimizer=torch.optim.SGD, lr=0.1)
+    eager = state.copy()
+    for i in range(4):
+        b = batch(seed=i)
+        b["y"][: 2 * i + 1] = -100  # 1, 3, 5, 7 masked: uneven counts between micro-batches and steps
+        state, metrics = fast(state, b)
+        eager, eager_metrics = wrapped(eager, b)
+        assert torch.equal(metrics["loss"].total, eager_metrics["loss"].total)
+        assert int(metrics["loss"].count) == int(eager_metrics["loss"].count) == 8 - (2 * i + 1)
+        assert all(torch.equal(state.params[k], eager.params[k]) for k in state.params), i
+    assert fast.compilations == 1
 
 
 @pytest.fixture(scope="module")
