@@ -18,6 +18,7 @@ from xform.core.mean import Mean
 from xform.toolbox.memory import MemoryEstimate, estimate_memory, measure_activations
 from xform.toolbox.plan import plan
 from xform.transforms.offload import offload
+from xform.transforms.fp8 import Float8
 from xform.transforms.mixed_precision import DynamicLossScale, NoOpLossScale, Policy, StaticLossScale, mixed_precision
 from xform.toolbox.monitor import Monitor
 from xform.toolbox.notebook import notebook_launcher
@@ -56,6 +57,7 @@ __all__ = [
     "PadCollate",
     "DonatedStateError",
     "DynamicLossScale",
+    "Float8",
     "FullyShard",
     "HybridShard",
     "JSONLinesTracker",
