@@ -77,24 +77,25 @@ def _loss(v) -> float:
 
 def pipelined(
     schedule: str, loss: str, opt: str, *, dp: int = 1, steps: int = 3, microbatches: int = 2,
-    accumulate: int = 1, split=None, stages=None, dp_mode: str = "replicate", save: str | None = None, load: str | None = None, start: int = 0,
+    accumulate: int = 1, split=None, stages=None, dp_mode: str = "replicate", tp: int = 1, tp_plan=None, save: str | None = None, load: str | None = None, start: int = 0,
 ):
     """Trains on this process's slice of the global batches under a pipeline; returns
     this process's params, the losses it saw, and its step."""
     world, rank = dist.get_world_size(), dist.get_rank()
-    pp = world // dp
+    pp = world // dp // tp
     strategy = xf.Pipeline(
         schedule=schedule, microbatches=microbatches, split=split, stages=stages,
         data_parallel=dp_mode if dp > 1 else None,
+        tensor_parallel=xf.TensorParallel(plan=tp_plan) if tp > 1 else None,
     )
-    mesh = xf.mesh(pp=pp, dp=dp) if dp > 1 else None
+    mesh = xf.mesh(pp=pp, dp=dp) if dp > 1 else xf.mesh(pp=pp, tp=tp) if tp > 1 else None
     s = xf.shard(STEPS[loss], strategy, mesh=mesh)
     if accumulate > 1:
         s = xf.accumulate(s, accumulate)
     state = s.init(xf.TrainState.create(model(), optimizer=OPTIMIZERS[opt]))
     if load:
         state = xf.load(load, like=state)
-    dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
+    dp_rank = mesh["dp"].get_local_rank() if dp > 1 else 0
     losses = []
     for b in data(steps)[start:]:
         n = b["x"].shape[0] // dp

@@ -77,6 +77,23 @@ def test_pp2_x_dp2_equals_the_single_process_step(pool4, schedule):
         _check(pool4.run(sup.pipelined, schedule, "mean", "adamw", dp=2, dp_mode=mode), "mean", "adamw")
 
 
+PLANS = {
+    "inside": {"0": "colwise", "2": "rowwise", "4": "colwise", "6": "rowwise"},  # each pair in one stage
+    "across": {"2": "colwise", "4": "rowwise"},  # a sharded activation crosses the stage boundary
+}
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_pp2_x_tp2_equals_the_single_process_step(pool4, schedule):
+    """pp=2 x tp=2 on 4 processes: Megatron pairs (colwise then rowwise) inside each
+    stage, and a pair split by the stage boundary (stage 0 sends its tp shard of the
+    activation to its tp peer of stage 1). Catches: a stage's tp group taken from the
+    wrong mesh axis, the replicated params' grads summed over tp (twice too large under
+    SGD), a sharded param saved or gathered at the wrong rows."""
+    _check(pool4.run(sup.pipelined, schedule, "plain", "sgd", tp=2, tp_plan=PLANS["inside"]), "plain", "sgd")
+    _check(pool4.run(sup.pipelined, schedule, "mean", "adamw", tp=2, tp_plan=PLANS["across"]), "mean", "adamw")
+
+
 def test_accumulate_around_a_pipeline_is_k_times_m_micro_batches(pool2):
     """``accumulate(shard(step, Pipeline(microbatches=2)), 2)``: 4 micro-batches per
     update, equal to the plain step on the global batch. Catches: a pipeline round's
@@ -173,9 +190,9 @@ def test_misuse_is_refused_with_a_clear_error(pool2, case, message):
         assert message in text, text
 
 
-def test_tensor_parallel_axis_is_refused(pool4):
+def test_an_unused_mesh_axis_is_refused(pool4):
     for text in pool4.run(sup.error_of, "tp_axis"):
-        assert "tensor parallel inside a pipeline is not supported" in text, text
+        assert "the mesh axes {'tp': 2} are not used" in text and "tensor_parallel=xf.TensorParallel" in text, text
 
 
 def test_wrap_time_errors():
@@ -187,6 +204,10 @@ def test_wrap_time_errors():
         xf.Pipeline(split=("2",), stages=3)
     with pytest.raises(ValueError, match="data_parallel must be None, 'replicate' or 'fsdp'"):
         xf.Pipeline(data_parallel="zero2")
+    with pytest.raises(ValueError, match=r"pp x dp x tp|composes with the pipeline alone"):
+        xf.Pipeline(data_parallel="fsdp", tensor_parallel=xf.TensorParallel(plan={"0": "colwise"}))
+    with pytest.raises(TypeError, match="tensor_parallel must be an xf.TensorParallel"):
+        xf.Pipeline(tensor_parallel={"0": "colwise"})
     with pytest.raises(ValueError, match="accumulate inside a pipelined shard"):
         xf.shard(xf.accumulate(sup.step, 2), xf.Pipeline())
 

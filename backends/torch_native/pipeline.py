@@ -151,6 +151,11 @@ class PipelineLayout:
         """(pp group, pp rank, pp size, dp group or None, dp size)."""
         s, mesh = self.strategy, self.mesh
         if mesh is None:
+            if s.tensor_parallel is not None:
+                raise ValueError(
+                    f"shard(pp): tensor_parallel needs a mesh with axes {s.axis!r} and {s.tensor_parallel.axis!r}; "
+                    f"pass mesh=xf.mesh({s.axis}=P, {s.tensor_parallel.axis}=T)"
+                )
             if s.data_parallel:
                 raise ValueError(
                     f"shard(pp): data_parallel={s.data_parallel!r} needs a mesh with axes {s.axis!r} and "
@@ -162,16 +167,25 @@ class PipelineLayout:
         if s.axis not in names:
             raise ValueError(f"shard(pp): the mesh has axes {names}, not the pipeline axis {s.axis!r}; pass mesh=xf.mesh({s.axis}=P, ...)")
         used = {s.axis} | ({s.dp_axis} if s.data_parallel else set())
+        if s.tensor_parallel is not None:
+            if s.tensor_parallel.axis not in names:
+                raise ValueError(
+                    f"shard(pp): tensor_parallel needs a mesh axis {s.tensor_parallel.axis!r}, the mesh has {names}; "
+                    f"pass mesh=xf.mesh({s.axis}=P, {s.tensor_parallel.axis}=T)"
+                )
+            used.add(s.tensor_parallel.axis)
         extra = {n: mesh[n].size() for n in names if n not in used and mesh[n].size() > 1}
         if extra:
             hint = (
-                "tensor parallel inside a pipeline is not supported in this version"
-                if s.data_parallel or len(extra) > 1 or s.dp_axis not in extra
-                else f"pass xf.Pipeline(..., data_parallel='replicate') to replicate the stages over {s.dp_axis!r}"
+                f"pass xf.Pipeline(..., data_parallel='replicate') to replicate the stages over {s.dp_axis!r}"
+                if len(extra) == 1 and s.dp_axis in extra and not s.data_parallel and s.tensor_parallel is None
+                else "pass xf.Pipeline(..., tensor_parallel=xf.TensorParallel(plan=...)) for pp x tp"
+                if len(extra) == 1 and not s.data_parallel and s.tensor_parallel is None
+                else "3-D layouts (pp x dp x tp) are not supported in this version"
             )
             raise ValueError(
-                f"shard(pp): the mesh axes {extra} are not used by {s}; the supported layouts are pp alone and "
-                f"pp x dp (data_parallel='replicate' or 'fsdp'); {hint}"
+                f"shard(pp): the mesh axes {extra} are not used by {s}; the supported layouts are pp alone, "
+                f"pp x dp (data_parallel='replicate' or 'fsdp') and pp x tp (tensor_parallel=...); {hint}"
             )
         if s.data_parallel and s.dp_axis not in names:
             raise ValueError(
@@ -238,6 +252,14 @@ class PipelineLayout:
                 self._modules[(id(spec.module), i)] = stage
             now = dict(spec.module.named_parameters())
             params = {k: now[k] for k in keep}
+        if self.strategy.tensor_parallel is not None:  # each stage split over tp: its params become DTensors
+            children = dict(spec.module.named_children())
+            for i in ids:
+                stage = _stage_module(children, plan[i])
+                _tensor_parallel(stage, self.mesh, self.strategy.tensor_parallel)
+                self._modules[(id(spec.module), i)] = stage
+            now = dict(spec.module.named_parameters())
+            params = {k: now[k] for k in keep}
         trainable = tuple(k for k in spec.trainable if k in params)
         new_spec = attrs.evolve(
             spec,
@@ -288,6 +310,34 @@ class PipelineLayout:
             sched = cls(stages[0], n_microbatches=m, loss_fn=loss_fn, scale_grads=False)
         self._schedule, self._key = sched, key
         return sched
+
+
+def _tensor_parallel(stage: torch.nn.Module, mesh: Any, tp: Any) -> None:
+    """The plan's modules of ``stage`` split over the tp axis, its other params replicated
+    DTensors (as ``shard(tp)`` lays a whole model out)."""
+    import fnmatch
+
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    from .tensor_parallel import _replicate_the_rest
+
+    styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+    size = mesh[tp.axis].size()
+    plan = {}
+    for name, m in stage.named_modules():
+        for pattern, style in tp.plan.items():
+            if name and fnmatch.fnmatchcase(name, pattern):
+                weight = getattr(m, "weight", None)
+                dim = 0 if style == "colwise" else 1
+                if weight is None or weight.dim() < 2 - dim or weight.shape[dim] % size:
+                    raise ValueError(
+                        f"shard(pp): tensor_parallel plans {name!r} ({style}), which has no weight whose dim {dim} "
+                        f"the {size} processes of axis {tp.axis!r} can split evenly; leave it out of the plan"
+                    )
+                plan[name] = styles[style]()
+    if plan:
+        parallelize_module(stage, mesh[tp.axis], plan)
+    _replicate_the_rest(stage, mesh[tp.axis])
 
 
 def _stage_module(children: dict[str, torch.nn.Module], names: list[str]) -> torch.nn.Module:

@@ -131,6 +131,9 @@ class Pipeline:
             its gradients all-reduced there) or ``"fsdp"`` (each stage fully sharded over
             ``dp_axis`` with FSDP2, its gradients reduce-scattered there).
         dp_axis: the data-parallel mesh axis.
+        tensor_parallel: an ``xf.TensorParallel(plan=..., axis="tp")`` applied inside each
+            stage (pp x tp; the plan's names are the model's). Every process of a
+            tensor-parallel group gets the same batch.
 
     Example:
         >>> import xform as xf
@@ -145,6 +148,7 @@ class Pipeline:
     axis: str = "pp"
     data_parallel: str | None = None
     dp_axis: str = "dp"
+    tensor_parallel: TensorParallel | None = None
     name = "pp"
 
     def __attrs_post_init__(self):
@@ -168,6 +172,16 @@ class Pipeline:
             raise ValueError(
                 f"Pipeline: data_parallel must be None, 'replicate' or 'fsdp', got {self.data_parallel!r}"
             )
+        if self.tensor_parallel is not None:
+            if not isinstance(self.tensor_parallel, TensorParallel):
+                raise TypeError(
+                    f"Pipeline: tensor_parallel must be an xf.TensorParallel(plan=...), got {type(self.tensor_parallel).__name__}"
+                )
+            if self.data_parallel is not None or self.tensor_parallel.data_parallel is not None:
+                raise ValueError(
+                    "Pipeline: tensor_parallel composes with the pipeline alone in this version (pp x tp); "
+                    "leave data_parallel None on both, or drop tensor_parallel for pp x dp"
+                )
 
 
 Strategy = Replicate | ZeRO | FullyShard | HybridShard | TensorParallel | Pipeline
