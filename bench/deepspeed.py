@@ -20,7 +20,7 @@ the bytes of the CPU storages of every tensor Python can reach before a step (af
 keeps (params, masters, optimizer state, the engine's flat buffers). "peak" adds the
 largest live count of the step's own allocations, replayed in order from
 ``torch.profiler`` (``profile_memory=True``) allocation and free events on the profiled
-thread. Medians over ``--mem-steps`` steps and both ranks.
+thread (``bench/memory.py``'s ``replay``). Medians over ``--mem-steps`` steps and both ranks.
 
 Run: ``.venv/bin/python bench/deepspeed.py`` (``--rounds 10 --steps 5``). ``--quick``: a
 small model, 2 rounds of 2 steps: checks that the script runs, not for figures.
@@ -140,10 +140,21 @@ def _reachable_bytes() -> int:
     return sum(seen.values())
 
 
+def _membench():
+    """bench/memory.py, for its profiler replay (loaded by path: this directory is not on sys.path)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("xform_bench_memory", HERE / "memory.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def memory_worker(kind: str, stage: int, steps: int, dims) -> dict:
     _quiet()
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, profile, record_function
 
+    replay = _membench().replay
     base = _reachable_bytes()
     run, _ = _runner(kind, stage, dims)
     batch = _batch(dims)
@@ -152,13 +163,11 @@ def memory_worker(kind: str, stage: int, steps: int, dims) -> dict:
     for _ in range(steps):
         held = _reachable_bytes() - base
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            run(batch)
-        live = top = 0
-        for e in sorted((e for e in prof.events() if e.name == "[memory]"), key=lambda e: e.time_range.start):
-            live += e.cpu_memory_usage
-            top = max(top, live)
+            with record_function("xform-bench: step"):
+                run(batch)
+        span = replay(prof, ["xform-bench: step"], {})["xform-bench: step"]
         between.append(held)
-        peaks.append(held + top)
+        peaks.append(held + span["peak"] - span["before"])
     return {"between": between, "peaks": peaks}
 
 

@@ -29,11 +29,12 @@ def test_config_is_generated_from_the_transforms():
     assert c["gradient_accumulation_steps"] == 4
     assert c["bf16"] == {"enabled": True} and c["fp16"] == {"enabled": False}
     assert c["gradient_clipping"] == 0.5
-    assert c["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}}
+    buckets = {"reduce_bucket_size": 25 * 2**20 // 4, "allgather_bucket_size": 25 * 2**20 // 4}
+    assert c["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}, **buckets}
     plain = cfg(sup.step, xf.DeepSpeed(stage=1))
     assert plain["gradient_accumulation_steps"] == 1 and plain["gradient_clipping"] == 0.0
     assert plain["bf16"] == {"enabled": False} and plain["fp16"] == {"enabled": False}
-    assert plain["zero_optimization"] == {"stage": 1}
+    assert plain["zero_optimization"] == {"stage": 1, **buckets}
     # accumulate nested twice: the product; mixed_precision outside accumulate means the same
     assert cfg(xf.mixed_precision(xf.accumulate(xf.accumulate(sup.step, 2), 3), "bf16"))["gradient_accumulation_steps"] == 6
 
@@ -74,7 +75,7 @@ def test_a_user_key_that_contradicts_the_transforms_is_refused_naming_it(user, s
 def test_user_keys_that_agree_or_add_are_kept(tmp_path):
     user = {"gradient_accumulation_steps": 4, "zero_optimization": {"stage": 2, "overlap_comm": True}, "wall_clock_breakdown": False}
     c = cfg(xf.accumulate(sup.step, 4), xf.DeepSpeed(stage=2, config=user))
-    assert c["zero_optimization"] == {"stage": 2, "overlap_comm": True} and c["wall_clock_breakdown"] is False
+    assert c["zero_optimization"]["overlap_comm"] is True and c["wall_clock_breakdown"] is False
     assert user["zero_optimization"] == {"stage": 2, "overlap_comm": True}  # the user's dict is not changed
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"gradient_accumulation_steps": 3}))

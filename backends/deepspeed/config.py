@@ -24,6 +24,8 @@ __all__ = ["Settings", "settings_of", "generate_config", "ENGINE_OWNED"]
 # settings become config, the engine does their work.
 ENGINE_OWNED = ("accumulate", "mixed_precision")
 
+BUCKET_ELEMENTS = 25 * 2**20 // 4  # 25 MB of fp32: the native ZeRO's default bucket_mb
+
 # Keys xform sets from the state itself, which a user config may not replace.
 _OWNED_BY_STATE = {
     "optimizer": "the optimizer comes from TrainState.create(optimizer=...) (a client optimizer); remove the "
@@ -190,6 +192,11 @@ def generate_config(
             )
         node[last] = value
     out.setdefault("train_micro_batch_size_per_gpu", 1)  # only DeepSpeed's sample counters read it (see docs)
+    # DeepSpeed's buckets default to 5e8 elements (a 1.9 GiB fp32 buffer per process, measured by
+    # bench/deepspeed.py); xform's ZeRO buckets are 25 MB: the same here, unless the user sets them.
+    zero = out["zero_optimization"]
+    for key in ("reduce_bucket_size", "allgather_bucket_size"):
+        zero.setdefault(key, BUCKET_ELEMENTS)
     out.setdefault("steps_per_print", 2**31 - 1)  # no per-step logging from the engine
     return out
 
