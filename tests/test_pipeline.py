@@ -161,13 +161,15 @@ def test_checkpoint_loads_into_one_process_and_another_pipeline(pool2, pool4, tm
             torch.testing.assert_close(full[k], ref3[k], rtol=RTOL, atol=ATOL, msg=f"{k} after load into {kwargs}")
 
 
-def test_checkpoint_of_pp_x_fsdp_loads_into_one_process_and_pp_alone(pool2, pool4, tmp_path):
-    """A pp=2 x dp=2 (fsdp) state, its params and AdamW state sharded DTensors, saved
-    after 2 steps loads into one process and into pp=2 without dp; one more step equals
-    the uninterrupted run. Catches: the union of leaves losing the DTensors' global
-    shapes, a dp shard written twice or not at all."""
+@pytest.mark.parametrize("layout", ["fsdp", "tp"])
+def test_checkpoint_of_pp_x_fsdp_or_tp_loads_into_one_process_and_pp_alone(pool2, pool4, tmp_path, layout):
+    """A pp=2 x dp=2 (fsdp) or pp=2 x tp=2 state, its params and AdamW state sharded
+    DTensors, saved after 2 steps loads into one process and into pp=2 alone; one more
+    step equals the uninterrupted run. Catches: the union of leaves losing the
+    DTensors' global shapes, a shard written twice or not at all."""
     path = str(tmp_path / "ckpt")
-    pool4.run(sup.pipelined, "1f1b", "plain", "adamw", dp=2, dp_mode="fsdp", steps=2, save=path)
+    how = {"dp": 2, "dp_mode": "fsdp"} if layout == "fsdp" else {"tp": 2, "tp_plan": PLANS["across"]}
+    pool4.run(sup.pipelined, "1f1b", "plain", "adamw", steps=2, save=path, **how)
     ref3, _ = sup.reference("plain", "adamw", steps=3)
     one, _ = sup.reference("plain", "adamw", steps=3, load=path, start=2)
     full = _merged(pool2.run(sup.pipelined, "interleaved_1f1b", "plain", "adamw", steps=3, load=path, start=2))
