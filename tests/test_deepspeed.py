@@ -170,3 +170,15 @@ def test_docstring_examples_of_the_backend_run():
         assert result.failed == 0, name
         ran += result.attempted
     assert ran >= 3
+
+
+def test_estimate_memory_shows_the_deepspeed_stages(capsys):
+    """`xform estimate-memory --backend deepspeed`: the engine's per-process model states
+    per stage, the same figures stage='auto' chooses from (147 params, Adam, fp32, 2
+    ranks: 2058, 1764, 1470 bytes)."""
+    from xform.cli import main
+
+    assert main(["estimate-memory", "tests/deepspeed_support.py:model", "--world-sizes", "2", "--precisions", "fp32",
+                 "--strategies", "zero1", "--backend", "deepspeed"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "fp32    2 ranks: zero1 2.01 KiB, zero2 1.72 KiB, zero3 1.44 KiB, zero3+offload_opt 588 B" in out, out

@@ -75,6 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-dtype", choices=_INPUT_DTYPES, default="float32",
                         help="the input's dtype: float32, or int64 for token ids (default: float32)")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--backend", choices=("torch", "deepspeed"), default="torch",
+                        help="deepspeed: also the DeepSpeed engine's model states per process for stages 1-3 "
+                        "(+ offload), its own layout")  # fmt: skip
 
 
 def load_callable(spec: str) -> Callable[..., Any]:
@@ -212,4 +215,27 @@ def run(args: argparse.Namespace) -> int:
     print()
     print("bf16/fp16 rows: low-precision params and grads with an fp32 master copy (DeepSpeed's layout); "
           "xform's mixed_precision keeps fp32 params, see the fp32 rows.")  # fmt: skip
+    if args.backend == "deepspeed":
+        _deepspeed_rows(first, args)
     return 0
+
+
+def _deepspeed_rows(first: Any, args: argparse.Namespace) -> None:
+    """The DeepSpeed engine's model states per process (``xf.DeepSpeed(stage="auto")``
+    chooses from these): it keeps an fp32 master partition in every precision."""
+    from xform.backends.deepspeed.layout import estimate_stage_memory
+    from xform.toolbox.memory import OPTIMIZERS
+
+    per_param = OPTIMIZERS[args.optimizer][0]
+    n = first.trainable_params
+    print()
+    print("DeepSpeed engine (xf.DeepSpeed), model states per process (params, grads, fp32 master, optimizer state):")
+    for p in args.precisions:
+        for ranks in args.world_sizes:
+            cells = []
+            for stage, oo, op in ((1, None, None), (2, None, None), (3, None, None), (3, "cpu", None), (3, "cpu", "cpu")):
+                est = estimate_stage_memory(n, per_param, ranks, stage, low_precision=p != "fp32",
+                                            offload_optimizer=oo, offload_params=op)  # fmt: skip
+                label = f"zero{stage}" + ("+offload_opt" if oo else "") + ("+offload_params" if op else "")
+                cells.append(f"{label} {human(est)}")
+            print(f"  {p:<5} {ranks:>3} ranks: " + ", ".join(cells))
