@@ -144,6 +144,10 @@ def error_of(case: str) -> str:
             s = xf.shard(bad, xf.Pipeline(schedule="gpipe"))
             state = s.init(xf.TrainState.create(model(), optimizer=torch.optim.SGD, lr=0.1))
             s(state, data(1)[0])
+        elif case == "indivisible_batch":
+            s = xf.shard(step, xf.Pipeline(schedule="gpipe", microbatches=4))
+            state = s.init(xf.TrainState.create(model(), optimizer=torch.optim.SGD, lr=0.1))
+            s(state, {k: v[:6] for k, v in data(1)[0].items()})
         elif case == "interleaved_one_stage":
             xf.shard(step, xf.Pipeline(schedule="interleaved_1f1b", stages=2)).init(
                 xf.TrainState.create(model(), optimizer=torch.optim.SGD, lr=0.1)

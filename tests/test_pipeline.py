@@ -185,6 +185,7 @@ def test_checkpoint_of_pp_x_fsdp_or_tp_loads_into_one_process_and_pp_alone(pool2
         ("two_applies", "called xf.apply more than once"),
         ("no_apply", "did not call xf.apply"),
         ("interleaved_one_stage", "use stages=4"),
+        ("indivisible_batch", "batch has 6 rows, which microbatches=4 does not divide; pass a batch of 8 rows"),
     ],
 )
 def test_misuse_is_refused_with_a_clear_error(pool2, case, message):

@@ -404,6 +404,14 @@ class _PipelineHandler(Reducer):
     def prepare(self, step: Any, state: TrainState, batch: Any) -> None:
         from xform.transforms.accumulate import split_batch
 
+        from xform import tree
+
+        rows = next((t.shape[0] for t in tree.leaves(batch) if isinstance(t, torch.Tensor) and t.dim() > 0), None)
+        if rows is not None and rows % self.m:
+            raise ValueError(
+                f"shard(pp): this process's batch has {rows} rows, which microbatches={self.m} does not divide; pass "
+                f"a batch of {-(-rows // self.m) * self.m} rows or a number of micro-batches dividing {rows}"
+            )
         self.fns = []
         self.mode = "capture"
         try:
