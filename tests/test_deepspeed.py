@@ -126,7 +126,7 @@ def test_wrap_time_routing_and_refusals():
     finally:
         DeepSpeedLayout.__init__ = real
     assert [s.stage for s in layouts] == [1, 2, 3, 1]
-    with pytest.raises(TypeError, match="the deepspeed backend runs ZeRO stages only"):
+    with pytest.raises(ValueError, match="the deepspeed backend runs ZeRO stages only"):
         xf.shard(sup.step, "replicate", backend="deepspeed")
     with pytest.raises(TypeError, match="the torch backend has no strategy"):
         xf.shard(sup.step, xf.DeepSpeed(stage=1), backend="torch")

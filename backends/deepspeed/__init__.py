@@ -27,7 +27,7 @@ class DeepSpeedBackend:
         elif isinstance(strategy, FullyShard) and not isinstance(strategy, HybridShard):
             strategy = DeepSpeed(stage=3)
         if not isinstance(strategy, DeepSpeed):
-            raise TypeError(
+            raise ValueError(
                 f"shard: the deepspeed backend runs ZeRO stages only, got {strategy!r}; use xf.DeepSpeed(stage=1|2|3) "
                 "or 'zero1'/'zero2'/'zero3' (or the torch backend for this strategy)"
             )
