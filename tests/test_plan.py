@@ -21,12 +21,13 @@ HAS_PIPELINE = hasattr(xf, "Pipeline")  # issue 11's other half, built beside th
 
 def tiny() -> torch.nn.Sequential:
     """A Sequential of a Linear, two Linear-GELU-Linear blocks, a LayerNorm and a Linear:
-    every family applies (pp cuts between children, tp splits the blocks)."""
+    every family applies (pp cuts between children, tp splits the blocks). The last
+    Linear has 5 rows: its shards are uneven on 2 and 4 processes."""
 
     def block():
         return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 8))
 
-    return torch.nn.Sequential(torch.nn.Linear(6, 8), block(), block(), torch.nn.LayerNorm(8), torch.nn.Linear(8, 4))
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), block(), block(), torch.nn.LayerNorm(8), torch.nn.Linear(8, 5))
 
 
 def with_buffer() -> torch.nn.Module:
@@ -50,21 +51,31 @@ def psi(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+# tiny()'s parameter shapes, written out: (rows, columns)
+TINY = [(8, 6), (8, 1)] + 2 * [(16, 8), (16, 1), (8, 16), (8, 1)] + [(8, 1), (8, 1), (5, 8), (5, 1)]
+
+
+def row_shard(k: int) -> int:
+    """Elements of the largest shard when each tensor is split by rows into k chunks."""
+    return sum(math.ceil(r / k) * c for r, c in TINY)
+
+
 # --- predictions, by hand ---------------------------------------------------------------------------
 
 
 def test_predictions_follow_the_formulas_written_out_here():
     """Catches: a strategy given another's footprint (zero2 predicted with whole
     gradients, hsdp sharded over all processes instead of its shard axis, a tp bias of a
-    rowwise layer counted as split, a pipeline stage that is not the largest), and comm
-    volumes off by the ring factor."""
+    rowwise layer counted as split, a pipeline stage that is not the largest), shards
+    counted as Ψ/N where the rows do not divide, and comm volumes off by the ring factor."""
     p = xf.plan(tiny, batch=(4, 6), world_size=4, optimizer="sgd")
     rows = {r.layout.name: r for r in p.rows}
     assert list(rows) == ["replicate", "zero1", "zero2", "zero3", "hsdp 1x4", "hsdp 2x2", "hsdp 4x1", "tp2 x fsdp2",
                           "tp4"] + (["pp2 x dp2", "pp4"] if HAS_PIPELINE else [])  # fmt: skip
-    n = psi(tiny())  # 6*8+8 + 2*(8*16+16+16*8+8) + 16 + 8*4+4 = 668
-    assert n == 668
-    shard = lambda k: math.ceil(n / k) * 4  # noqa: E731
+    n = psi(tiny())  # 6*8+8 + 2*(8*16+16+16*8+8) + 16 + 8*5+5 = 677
+    assert n == 677 == sum(r * c for r, c in TINY)
+    shard = lambda k: row_shard(k) * 4  # noqa: E731
+    assert shard(4) == 4 * 176 != 4 * math.ceil(677 / 4)  # the uneven last layer: 2 of its 5 rows on rank 0
     pred = lambda name: (rows[name].predicted["params"], rows[name].predicted["grads"], rows[name].predicted["optimizer_state"])  # noqa: E731
     assert pred("replicate") == (4 * n, 4 * n, 0)  # plain SGD keeps no state
     assert pred("zero2") == (4 * n, shard(4), 0)
@@ -72,17 +83,18 @@ def test_predictions_follow_the_formulas_written_out_here():
     assert pred("hsdp 2x2") == (shard(2), shard(2), 0)  # sharded over the shard axis only
     assert pred("hsdp 4x1") == (4 * n, 4 * n, 0)
     # tp4: the blocks' first Linear split by rows (weight and bias), the second by columns (weight only)
-    tp_local = 6 * 8 + 8 + 2 * (8 * 16 // 4 + 16 // 4 + 16 * 8 // 4 + 8) + 16 + 8 * 4 + 4
+    tp_local = 6 * 8 + 8 + 2 * (8 * 16 // 4 + 16 // 4 + 16 * 8 // 4 + 8) + 16 + 8 * 5 + 5
     assert pred("tp4") == (4 * tp_local, 4 * tp_local, 0)
-    assert pred("tp2 x fsdp2")[0] == 4 * math.ceil((6 * 8 + 8 + 2 * (64 + 8 + 64 + 8) + 16 + 36) / 2)
+    # tp x fsdp: the tp-local count halved (the per-tensor row padding is not modelled here: 812 vs 828 measured)
+    assert pred("tp2 x fsdp2")[0] == 4 * math.ceil((6 * 8 + 8 + 2 * (64 + 8 + 64 + 8) + 16 + 45) / 2)
     # ring collectives, 4 bytes a parameter: all-reduce 2(N-1)/N, all-gather and reduce-scatter (N-1)/N each
     assert rows["replicate"].comm_bytes == round(2 * 3 / 4 * 4 * n)
     assert rows["zero1"].comm_bytes == round(3 * 3 / 4 * 4 * n)
     assert rows["zero3"].comm_bytes == round(3 * 3 / 4 * 4 * n)
     assert rows["hsdp 2x2"].comm_bytes == round(3 * 1 / 2 * 4 * n + 2 * 1 / 2 * 4 * n / 2)
     assert rows["tp4"].comm_bytes == round(2 * 3 / 4 * (4 * 4 * 8) * 4)  # 4 rows x 8 features, 2 layers a block, 2 blocks
-    if HAS_PIPELINE:  # children cost 56, 280, 280, 16, 36: the best cut into 2 has a largest stage of 336 (or 332)
-        assert rows["pp2 x dp2"].predicted["params"] == 4 * 336
+    if HAS_PIPELINE:  # children cost 56, 280, 280, 16, 45: the best cut into 2 has a largest stage of 341 (or 336)
+        assert rows["pp2 x dp2"].predicted["params"] == 4 * 341
         assert rows["pp4"].predicted["params"] == 4 * 280
 
 
@@ -116,7 +128,7 @@ def test_json_schema():
     """Catches: a field renamed or dropped from the JSON scripts read."""
     d = json.loads(json.dumps(xf.plan(tiny, batch=(4, 6), world_size=2).to_dict()))
     assert set(d) == {"model", "num_params", "world_size", "batch", "optimizer", "budget", "steps", "rows", "notes"}
-    assert d["num_params"] == 668 and d["world_size"] == 2 and d["batch"] == [4, 6] and d["steps"] is None
+    assert d["num_params"] == 677 and d["world_size"] == 2 and d["batch"] == [4, 6] and d["steps"] is None
     for row in d["rows"]:
         assert set(row) == {"name", "family", "mesh", "dp", "predicted", "fits", "measured", "error"}
         assert set(row["predicted"]) == {"params", "grads", "optimizer_state", "buffers", "activations", "total", "comm_bytes"}
@@ -204,7 +216,8 @@ def test_cli_measures_every_strategy_on_2_processes(tmp_path):
     names = [r["name"] for r in d["rows"]]
     assert names[:7] == ["replicate", "zero1", "zero2", "zero3", "hsdp 1x2", "hsdp 2x1", "tp2"], names
     errors = _check_measured(d["rows"], optimizer_is_adam=True)
-    print("largest |measured - predicted| / predicted:", max(errors.values()))
+    print("|measured - predicted| / predicted:", {f"{k[0]} {k[1]}": round(v, 4) for k, v in errors.items() if v})
+    print("largest:", max(errors.values()))
     assert out.stat().st_size > 10_000
 
 
@@ -218,7 +231,8 @@ def test_python_api_measures_the_2d_layouts_on_4_processes():
     rows = p.to_dict()["rows"]
     assert [r["name"] for r in rows] == names
     errors = _check_measured(rows, optimizer_is_adam=False)
-    print("largest |measured - predicted| / predicted:", max(errors.values()))
+    print("|measured - predicted| / predicted:", {f"{k[0]} {k[1]}": round(v, 4) for k, v in errors.items() if v})
+    print("largest:", max(errors.values()))
     text = p.table()
     assert "pred params" in text and "meas p+g+o (err)" in text and "meas step ms" in text
     print(text)

@@ -251,7 +251,8 @@ def predict(lay: Layout, meta: torch.nn.Module, make_input: Input, optimizer: st
     fam = lay.family
     if fam in _DATA_PARALLEL or fam == "hsdp":
         n = lay.size("shard") if fam == "hsdp" else lay.dp
-        e = estimate_memory(meta, strategy="zero3" if fam == "hsdp" else fam, world_size=n, optimizer=optimizer)
+        e = estimate_memory(meta, strategy="zero3" if fam == "hsdp" else fam, world_size=n, optimizer=optimizer,
+                            shard_rows=True)
         pred = {"params": e.params, "grads": e.grads, "optimizer_state": e.optimizer_state, "buffers": e.buffers}
     else:
         buffers = sum(b.numel() * b.element_size() for b in meta.buffers())

@@ -111,6 +111,7 @@ def estimate_memory(
     world_size: int = 1,
     optimizer: str = "adam",
     activations: int | None = None,
+    shard_rows: bool = False,
 ) -> MemoryEstimate:
     """Estimates each rank's bytes of parameters, gradients and optimizer state.
 
@@ -127,6 +128,10 @@ def estimate_memory(
         world_size: the number of ranks N the state is sharded over.
         optimizer: ``"adam"``/``"adamw"`` (2 states), ``"sgd-momentum"`` (1) or ``"sgd"`` (0).
         activations: bytes of activations per rank, when known (``measure_activations``).
+        shard_rows: count a sharded part as the largest shard when each tensor is split
+            by rows (dim 0) into ``world_size`` chunks, as xform's ZeRO and FSDP2 split
+            (``sum of ceil(rows / N) * columns``), instead of ``ceil(Ψ / N)``; they differ
+            when row counts do not divide by N. Needs a module.
 
     Example:
         >>> import torch, xform as xf
@@ -159,8 +164,16 @@ def estimate_memory(
     state_bytes, has_step = OPTIMIZERS[optimizer]
     shard_p, shard_g, shard_o = _SHARDS[family]
 
+    if shard_rows:
+        if not isinstance(module, torch.nn.Module):
+            raise TypeError("estimate_memory: shard_rows=True needs the module (each tensor's rows), not a parameter count")
+        shard = {total: _row_shard(module, world_size, trainable_only=False),
+                 trainable: _row_shard(module, world_size, trainable_only=True)}  # fmt: skip
+    else:
+        shard = {n: math.ceil(n / world_size) for n in (total, trainable)}
+
     def per_rank(n: int, sharded: bool) -> int:
-        return math.ceil(n / world_size) if sharded else n
+        return shard[n] if sharded else n
 
     return MemoryEstimate(
         strategy=strategy,
@@ -174,6 +187,15 @@ def estimate_memory(
         optimizer_state=(master + state_bytes) * per_rank(trainable, shard_o) + (4 * tensors if has_step else 0),
         buffers=buffers,
         activations=activations,
+    )
+
+
+def _row_shard(module: torch.nn.Module, world_size: int, *, trainable_only: bool) -> int:
+    """Elements of the largest shard when each parameter is split by rows into world_size chunks."""
+    return sum(
+        math.ceil(p.shape[0] / world_size) * (p.numel() // p.shape[0]) if p.dim() and p.shape[0] else p.numel()
+        for p in module.parameters()
+        if p.requires_grad or not trainable_only
     )
 
 
