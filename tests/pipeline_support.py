@@ -166,3 +166,16 @@ def resident(schedule: str) -> list[str]:
     names = sorted(k for k, p in state.module.named_parameters() if not p.is_meta)
     assert names == sorted(state.params), (names, sorted(state.params))
     return names
+
+
+def dropout_twice() -> bool:
+    """The same pipelined step with dropout, twice from copies of one state: equal."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 3))
+    s = xf.shard(step, xf.Pipeline(schedule="1f1b"))
+    state = s.init(xf.TrainState.create(net, optimizer=OPTIMIZERS["sgd"]))
+    b = data(1)[0]
+    one, m1 = s(state.copy(), b)
+    torch.rand(3)  # the global generator moves: the step must not depend on it
+    two, m2 = s(state.copy(), b)
+    return all(torch.equal(one.params[k], two.params[k]) for k in one.params) and float(m1["loss"]) == float(m2["loss"])

@@ -131,6 +131,13 @@ def test_each_process_holds_only_its_stages(pool2):
     assert one == ["2.bias", "2.weight", "6.bias", "6.weight"], one
 
 
+def test_dropout_in_the_stages_is_a_function_of_the_state(pool2):
+    """The stages draw dropout from the state's key and data position: the same step
+    from copies of one state gives the same params and loss. Catches: the stages drawing
+    from torch's global generator (the step no longer a function of (state, batch))."""
+    assert pool2.run(sup.dropout_twice) == [True, True]
+
+
 def test_the_backend_module_examples_run():
     """plan_stages's docstring examples (tests/test_doctests.py walks xform/ only)."""
     import doctest

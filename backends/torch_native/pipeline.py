@@ -34,7 +34,7 @@ import torch.distributed as dist
 from xform.core.backend import relaid, static
 from xform.core.mean import Mean
 from xform.core.optim import placeholder_opt_state
-from xform.core.primitives import Handler, Reducer, handlers
+from xform.core.primitives import Handler, Reducer, generator_for, handlers
 from xform.core.state import TrainState
 from xform.core.strategies import FullyShard, Pipeline
 from xform.core.transform import transforms_of
@@ -513,8 +513,18 @@ class _PipelineHandler(Reducer):
 
         key = tuple((tuple(a.shape), a.dtype) for a in args if isinstance(a, torch.Tensor))
         sched = self.layout.schedule(state, self.group, self.rank, self.pp, loss_fn, key)
-        target = torch.arange(self.m, device=static(state).device)
-        sched.step(*args, target=target, return_outputs=False, **kwargs)
+        device = static(state).device
+        target = torch.arange(self.m, device=device)
+        # Randomness in the stages (dropout) comes from the state's key, its data position
+        # and the stage: a step is a function of (state, batch). Not the plain step's
+        # stream (that one draws per whole batch), so dropout is not equal to it.
+        gen = generator_for(device)
+        saved = gen.get_state()
+        gen.manual_seed(hash((state.rng, state.data["consumed"], "pp", self.rank)) & 0x7FFF_FFFF_FFFF_FFFF)
+        try:
+            sched.step(*args, target=target, return_outputs=False, **kwargs)
+        finally:
+            gen.set_state(saved)
         grads = {}
         for k in names:
             g = params[k].grad
