@@ -115,9 +115,12 @@ def test_activations_and_buffers_come_from_the_memory_module():
         xf.plan(with_buffer, batch=(5, 6), world_size=2, strategies=["pp"])
 
 
-def test_budget_marks_the_rows_that_do_not_fit():
-    """Catches: a budget ignored, or compared with a part of the total."""
+def test_budget_marks_the_rows_that_do_not_fit(tmp_path):
+    """Catches: a budget ignored, or compared with a part of the total; a plot of
+    predictions only (no step times) that fails."""
     p = xf.plan(tiny, batch=(4, 6), world_size=2, strategies=["replicate", "zero3"], budget=8000)
+    p.plot(tmp_path / "predicted.png")
+    assert (tmp_path / "predicted.png").stat().st_size > 5_000
     fits = {r.layout.name: (r.fits, r.predicted["total"]) for r in p.rows}
     assert fits["replicate"][0] is False and fits["replicate"][1] > 8000
     assert fits["zero3"][0] is True and fits["zero3"][1] <= 8000

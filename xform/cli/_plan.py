@@ -20,7 +20,7 @@ prediction), the peak bytes alive in a step (profiler allocation replay), the st
 of the params from the single-process step on the global batch. The step run is
 loss = mean(model(x) ** 2) with --optimizer.
 
-  xform plan examples/plan_model.py:model --batch 8,64 --nproc 2 --measure
+  xform plan examples/plan_model.py:model --batch 8,32 --nproc 2 --measure
 """
 
 from __future__ import annotations
