@@ -143,7 +143,7 @@ class PipelineLayout:
         self.strategy, self.mesh = strategy, mesh
         self._schedule: Any = None
         self._key: Any = None
-        self._modules: dict[tuple[int, int], torch.nn.Module] = {}  # (model, stage) -> stage module made at init (fsdp)
+        self._modules: tuple[Any, dict[int, torch.nn.Module]] = (None, {})  # (model, stage -> module) made at init
 
     # --- groups ---------------------------------------------------------------------------
 
@@ -198,7 +198,7 @@ class PipelineLayout:
 
     def stage_ids(self, pp: int, rank: int) -> list[int]:
         s = self.strategy
-        total = s.stages if s.stages is not None else (2 * pp if s.schedule == "interleaved_1f1b" else pp)
+        total = self._total(pp)
         if s.schedule == "interleaved_1f1b":
             if total % pp or total < 2 * pp:
                 raise ValueError(
@@ -240,24 +240,20 @@ class PipelineLayout:
         params = {k: state.params[k] for k in keep}
         buffers = {k: state.buffers[k] for k in bkeep}
         _release_others(spec, params, buffers)
-        if self.strategy.data_parallel == "fsdp":  # each stage sharded over dp: its params become DTensors
+        s = self.strategy
+        if s.data_parallel == "fsdp" or s.tensor_parallel is not None:  # the stages' params become DTensors
             from .fully_shard import _check_shardable, _fully_shard_units
 
             children = dict(spec.module.named_children())
-            dp_mesh = self.mesh[self.strategy.dp_axis]
+            stages = {}
             for i in ids:
-                stage = _stage_module(children, plan[i])
-                _check_shardable(stage, FullyShard())
-                _fully_shard_units(stage, dp_mesh, FullyShard(), None)
-                self._modules[(id(spec.module), i)] = stage
-            now = dict(spec.module.named_parameters())
-            params = {k: now[k] for k in keep}
-        if self.strategy.tensor_parallel is not None:  # each stage split over tp: its params become DTensors
-            children = dict(spec.module.named_children())
-            for i in ids:
-                stage = _stage_module(children, plan[i])
-                _tensor_parallel(stage, self.mesh, self.strategy.tensor_parallel)
-                self._modules[(id(spec.module), i)] = stage
+                stage = stages[i] = _stage_module(children, plan[i])
+                if s.tensor_parallel is not None:  # split over tp, the rest replicated
+                    _tensor_parallel(stage, self.mesh, s.tensor_parallel)
+                else:  # fully sharded over dp (FSDP2)
+                    _check_shardable(stage, FullyShard())
+                    _fully_shard_units(stage, self.mesh[s.dp_axis], FullyShard(), None)
+            self._modules = (spec.module, stages)
             now = dict(spec.module.named_parameters())
             params = {k: now[k] for k in keep}
         trainable = tuple(k for k in spec.trainable if k in params)
@@ -287,8 +283,8 @@ class PipelineLayout:
     # --- the schedule ---------------------------------------------------------------------
 
     def schedule(self, state: TrainState, group: Any, rank: int, pp: int, loss_fn: Any, key: Any) -> Any:
-        key = (id(static(state).module), key)  # another model (a second init) gets its own stages
-        if self._schedule is not None and self._key == key:
+        module = static(state).module  # another model (a second init) gets its own stages
+        if self._schedule is not None and self._key[0] is module and self._key[1] == key:
             self._schedule._loss_fn = loss_fn
             return self._schedule
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
@@ -297,8 +293,9 @@ class PipelineLayout:
         total = self._total(pp)
         plan = plan_stages(spec.module, total, self.strategy.split)
         children = dict(spec.module.named_children())
+        made = self._modules[1] if self._modules[0] is module else {}
         stages = [
-            PipelineStage(self._modules.get((id(spec.module), i)) or _stage_module(children, plan[i]), i, total, spec.device, group=group)
+            PipelineStage(made[i] if i in made else _stage_module(children, plan[i]), i, total, spec.device, group=group)
             for i in self.stage_ids(pp, rank)
         ]
         m = self.strategy.microbatches
@@ -308,7 +305,7 @@ class PipelineLayout:
         else:
             cls = ScheduleGPipe if kind == "gpipe" else Schedule1F1B
             sched = cls(stages[0], n_microbatches=m, loss_fn=loss_fn, scale_grads=False)
-        self._schedule, self._key = sched, key
+        self._schedule, self._key = sched, (module, key)
         return sched
 
 
