@@ -77,11 +77,12 @@ def _loss(v) -> float:
 
 def pipelined(
     schedule: str, loss: str, opt: str, *, dp: int = 1, steps: int = 3, microbatches: int = 2,
-    accumulate: int = 1, split=None, stages=None, dp_mode: str = "replicate", tp: int = 1, tp_plan=None, save: str | None = None, load: str | None = None, start: int = 0,
+    accumulate: int = 1, split=None, stages=None, dp_mode: str = "replicate", tp: int = 1, tp_plan=None,
+    save: str | None = None, load: str | None = None, start: int = 0,
 ):
     """Trains on this process's slice of the global batches under a pipeline; returns
-    this process's params, the losses it saw, and its step."""
-    world, rank = dist.get_world_size(), dist.get_rank()
+    this process's params (whole, gathered from DTensors), the losses it saw, and its step."""
+    world = dist.get_world_size()
     pp = world // dp // tp
     strategy = xf.Pipeline(
         schedule=schedule, microbatches=microbatches, split=split, stages=stages,
