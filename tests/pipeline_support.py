@@ -180,3 +180,11 @@ def dropout_twice() -> bool:
     torch.rand(3)  # the global generator moves: the step must not depend on it
     two, m2 = s(state.copy(), b)
     return all(torch.equal(one.params[k], two.params[k]) for k in one.params) and float(m1["loss"]) == float(m2["loss"])
+
+
+def save_single(path: str, steps: int = 2) -> None:
+    """Trains one process (no group) for ``steps`` global batches and saves."""
+    s = xf.TrainState.create(model(), optimizer=OPTIMIZERS["adamw"])
+    for b in data(steps):
+        s, _ = step(s, b)
+    xf.save(s, path)

@@ -168,6 +168,18 @@ def test_checkpoint_loads_into_one_process_and_another_pipeline(pool2, pool4, tm
             torch.testing.assert_close(full[k], ref3[k], rtol=RTOL, atol=ATOL, msg=f"{k} after load into {kwargs}")
 
 
+def test_a_single_process_checkpoint_loads_into_a_pipeline(pool2, tmp_path):
+    """A one-process checkpoint (tensors.pt) loads into pp=2 (each process takes its
+    stages); one more step equals the uninterrupted run. Catches: a pipelined ``like``
+    refused as another model, the other stages' tensors loaded into the wrong slots."""
+    path = str(tmp_path / "single")
+    sup.save_single(path)
+    ref3, _ = sup.reference("plain", "adamw", steps=3)
+    full = _merged(pool2.run(sup.pipelined, "gpipe", "plain", "adamw", steps=3, load=path, start=2))
+    for k in ref3:
+        torch.testing.assert_close(full[k], ref3[k], rtol=RTOL, atol=ATOL, msg=f"{k} after 1 -> pp=2")
+
+
 @pytest.mark.parametrize("layout", ["fsdp", "tp"])
 def test_checkpoint_of_pp_x_fsdp_or_tp_loads_into_one_process_and_pp_alone(pool2, pool4, tmp_path, layout):
     """A pp=2 x dp=2 (fsdp) or pp=2 x tp=2 state, its params and AdamW state sharded

@@ -278,6 +278,12 @@ def save(
     return pending if async_save else pending.wait()
 
 
+def _holds_part(like: TrainState) -> bool:
+    """Whether ``like`` holds part of a model's leaves by design: a pipeline process's
+    state (its stages' params and optimizer state), laid out by ``shard(..., Pipeline)``."""
+    return getattr(getattr(like._spec.layout, "strategy", None), "name", None) == "pp"
+
+
 def _union_leaves(mine: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], bool]:
     """Every process's leaves, when they differ (a pipeline: each process holds its
     stages' params and optimizer state): rank 0's, then the others' new paths in rank
@@ -434,7 +440,7 @@ def load(path: str | os.PathLike, *, like: TrainState, _plain: bool = False) -> 
     # A checkpoint of processes holding different leaves (a pipeline, "partial") lists their
     # union: it loads into a state holding all of them (one process), in another order,
     # or into one holding some (another pipeline layout).
-    partial = bool(meta.get("partial"))
+    partial = bool(meta.get("partial")) or _holds_part(like)
     if saved_paths != paths and not (partial and set(paths) <= set(saved_paths)):
         in_like = set(paths)
         only_like = next((i for i, p in enumerate(paths) if p not in saved), None)
