@@ -19,7 +19,7 @@ HERE = os.path.abspath(__file__)
 HAS_PIPELINE = hasattr(xf, "Pipeline")  # issue 11's other half, built beside this
 
 
-def tiny() -> torch.nn.Sequential:
+def tiny(last: int = 5) -> torch.nn.Sequential:
     """A Sequential of a Linear, two Linear-GELU-Linear blocks, a LayerNorm and a Linear:
     every family applies (pp cuts between children, tp splits the blocks). The last
     Linear has 5 rows: its shards are uneven on 2 and 4 processes."""
@@ -27,7 +27,7 @@ def tiny() -> torch.nn.Sequential:
     def block():
         return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 8))
 
-    return torch.nn.Sequential(torch.nn.Linear(6, 8), block(), block(), torch.nn.LayerNorm(8), torch.nn.Linear(8, 5))
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), block(), block(), torch.nn.LayerNorm(8), torch.nn.Linear(8, last))
 
 
 def with_buffer() -> torch.nn.Module:
@@ -181,6 +181,12 @@ def test_cli_bad_inputs_exit_2_with_one_line(capsys):
     assert "xform plan: error: the mesh {'dp': 3, 'tp': 1} holds 3 processes but world_size is 4" in capsys.readouterr().err
     assert main(["plan", f"{HERE}:tiny", "--batch", "4,6", "--tp-plan", "[1]"]) == 2
     assert "--tp-plan must be a JSON object" in capsys.readouterr().err
+    assert main(["plan", f"{HERE}:tiny", "--batch", "4,6", "--args", "{last: 3}"]) == 2
+    assert "xform plan: error: --args is not valid JSON" in capsys.readouterr().err
+    assert main(["plan", f"{HERE}:tiny", "--batch", "4,6", "--args", '{"width": 3}']) == 2
+    assert "xform plan: error: building the model" in capsys.readouterr().err
+    assert main(["plan", f"{HERE}:tiny", "--batch", "4,6", "--args", '{"last": 3}', "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["num_params"] == 677 - 2 * 9
 
 
 # --- measured -------------------------------------------------------------------------------------------
@@ -225,12 +231,13 @@ def test_cli_measures_every_strategy_on_2_processes(tmp_path):
 
 
 def test_python_api_measures_the_2d_layouts_on_4_processes():
-    """4 processes: hsdp 2x2, tp2 x fsdp2 and pp2 x dp2 (when Pipeline exists),
+    """4 processes: hsdp 2x2, tp2 x fsdp2 and pp2 x dp2 (when Pipeline exists), a model keyword argument,
     with momentum SGD (one fp32 state per parameter). Catches the same as above on the
     2-D meshes, and a table without its predicted/measured marks."""
     names = ["hsdp 2x2", "tp2 x fsdp2"] + (["pp2 x dp2"] if HAS_PIPELINE else [])
-    p = xf.plan(f"{HERE}:tiny", batch=(4, 6), world_size=4, strategies=names, optimizer="sgd-momentum", measure=True,
-                steps=3, timeout_s=120)  # fmt: skip
+    p = xf.plan(f"{HERE}:tiny", model_kwargs={"last": 3}, batch=(4, 6), world_size=4, strategies=names,
+                optimizer="sgd-momentum", measure=True, steps=3, timeout_s=120)  # fmt: skip
+    assert p.num_params == 677 - 2 * 9  # the keyword argument reached the model (and the processes: see the diffs)
     rows = p.to_dict()["rows"]
     assert [r["name"] for r in rows] == names
     errors = _check_measured(rows, optimizer_is_adam=False)

@@ -1,7 +1,7 @@
 """Compare parallelism strategies on MODEL: predicted, and with --measure measured.
 
 MODEL is module:function or path/to/file.py:function returning a torch.nn.Module (built
-with torch.manual_seed(0)). --batch is the input shape of one data-parallel replica
+with torch.manual_seed(0); --args gives its keyword arguments as a JSON object). --batch is the input shape of one data-parallel replica
 (float32), or --batch-factory module:function, called as f(rows, generator) -> input.
 
 For --nproc N processes (or a --mesh such as replicate=2,shard=2 / dp=2,tp=2 / pp=2,dp=2)
@@ -71,6 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from xform.toolbox.plan import FAMILIES
 
     parser.add_argument("model", metavar="MODEL", help="module:function or path/to/file.py:function returning an nn.Module")
+    parser.add_argument("--args", default=None, metavar="JSON", help='keyword arguments of MODEL, e.g. \'{"dim": 256}\'')
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--batch", type=_shape, metavar="B,D,...", help="one replica's input shape (float32)")
     group.add_argument("--batch-factory", metavar="MODULE:FUNCTION", help="f(rows, generator) -> one replica's input")
@@ -102,11 +103,19 @@ def run(args: argparse.Namespace) -> int:
             raise CommandError(f"--tp-plan is not valid JSON ({e}): {args.tp_plan!r}") from None
         if not isinstance(tp_plan, dict):
             raise CommandError(f"--tp-plan must be a JSON object of module pattern -> colwise/rowwise, got {args.tp_plan!r}")
+    model_kwargs = None
+    if args.args:
+        try:
+            model_kwargs = json.loads(args.args)
+        except json.JSONDecodeError as e:
+            raise CommandError(f"--args is not valid JSON ({e}): {args.args!r}") from None
+        if not isinstance(model_kwargs, dict):
+            raise CommandError(f"--args must be a JSON object of keyword arguments, got {args.args!r}")
     world = args.nproc if args.nproc is not None or args.mesh is not None else 2
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()] if args.strategies else None
     try:
         result = plan(
-            args.model, batch=args.batch or args.batch_factory, world_size=world, mesh=args.mesh, budget=args.budget,
+            args.model, model_kwargs=model_kwargs, batch=args.batch or args.batch_factory, world_size=world, mesh=args.mesh, budget=args.budget,
             optimizer=args.optimizer, strategies=strategies, tp_plan=tp_plan, measure=args.measure, steps=args.steps,
             timeout_s=args.timeout,
         )  # fmt: skip

@@ -115,6 +115,19 @@ def rows_of(make_input: Input) -> int:
 _ROWS_DEFAULT = 8  # rows per replica given to a batch factory
 
 
+@attrs.frozen
+class Factory:
+    """``source(**kwargs)``, ``source`` a function or its ``module:function`` name: picklable
+    by name, so that spawned processes build the same model."""
+
+    source: Any
+    kwargs: Mapping[str, Any]
+
+    def __call__(self) -> Any:
+        fn = resolve(self.source, what="model") if isinstance(self.source, str) else self.source
+        return fn(**self.kwargs)
+
+
 def build(factory: Callable[[], Any], name: str) -> torch.nn.Module:
     torch.manual_seed(0)
     try:

@@ -45,6 +45,7 @@ from xform.core import strategies as _strategies
 from xform.toolbox._plan_cost import (
     _MICROBATCHES,
     FAMILIES,
+    Factory,
     Layout,
     build,
     check_world,
@@ -230,8 +231,9 @@ class Plan:
 
 
 def plan(
-    model: str | Callable[[], torch.nn.Module],
+    model: str | Callable[..., torch.nn.Module],
     *,
+    model_kwargs: Mapping[str, Any] | None = None,
     batch: Sequence[int] | str | Callable[[int, torch.Generator], Any],
     world_size: int | None = None,
     mesh: Mapping[str, int] | None = None,
@@ -250,6 +252,7 @@ def plan(
         model: a function (or class) returning the ``nn.Module``, or its name as
             ``"module:function"`` or ``"path/to/file.py:function"``. It is called with
             ``torch.manual_seed(0)`` set, under ``torch.device("meta")`` for predictions.
+        model_kwargs: keyword arguments of ``model``, e.g. ``{"dim": 256}``.
         batch: the input of one data-parallel replica: a shape (float32, e.g. ``(8, 16)``)
             or a function ``(rows, generator) -> input`` (or its name) for other inputs
             (token ids); the global batch has ``dp`` times the rows.
@@ -292,7 +295,11 @@ def plan(
     if measure and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 3):
         raise ValueError(f"plan: steps must be an int >= 3 (a warm-up, timed steps, a profiled one), got {steps!r}")
     name = model if isinstance(model, str) else getattr(model, "__qualname__", repr(model))
+    if model_kwargs is not None and not isinstance(model_kwargs, Mapping):
+        raise TypeError(f"plan: model_kwargs must be a mapping of keyword arguments, got {type(model_kwargs).__name__}")
     factory = resolve(model, what="model") if isinstance(model, str) else model
+    if model_kwargs:
+        factory = Factory(model, dict(model_kwargs))
     make_input = input_factory(batch)
     with torch.device("meta"):
         meta = build(factory, name)
@@ -328,7 +335,7 @@ def plan(
                      "params and activations")  # fmt: skip
     if measure:
         # spawned workers import the model by name: the string as given, else the function's module and name
-        source = model if isinstance(model, str) else factory
+        source = model if isinstance(model, str) and not model_kwargs else factory
         runs = _run_layouts(source, factory, make_input, [None if r.fits is False else r.layout for r in rows], world,
                        optimizer, tp_plan, steps, timeout_s)  # fmt: skip
         rows = [r if m is None else attrs.evolve(r, error=m) if isinstance(m, str) else attrs.evolve(r, measured=Measured(**m))
