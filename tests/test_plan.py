@@ -66,7 +66,8 @@ def row_shard(k: int) -> int:
 def test_predictions_follow_the_formulas_written_out_here():
     """Catches: a strategy given another's footprint (zero2 predicted with whole
     gradients, hsdp sharded over all processes instead of its shard axis, a tp bias of a
-    rowwise layer counted as split, a pipeline stage that is not the largest), shards
+    rowwise layer counted as split, tp activations counted whole, a pipeline stage that is
+    not the largest), shards
     counted as Ψ/N where the rows do not divide, and comm volumes off by the ring factor."""
     p = xf.plan(tiny, batch=(4, 6), world_size=4, optimizer="sgd")
     rows = {r.layout.name: r for r in p.rows}
@@ -87,6 +88,10 @@ def test_predictions_follow_the_formulas_written_out_here():
     assert pred("tp4") == (4 * tp_local, 4 * tp_local, 0)
     # tp x fsdp: the tp-local count halved (the per-tensor row padding is not modelled here: 812 vs 828 measured)
     assert pred("tp2 x fsdp2")[0] == 4 * math.ceil((6 * 8 + 8 + 2 * (64 + 8 + 64 + 8) + 16 + 45) / 2)
+    # tp activations: per block, the GELU's input and the rowwise layer's input (4 rows x 16) are 1/T as wide
+    acts = lambda name: rows[name].predicted["activations"]  # noqa: E731
+    assert acts("tp4") == acts("replicate") - 2 * (2 * 4 * 16 * 4) * 3 // 4
+    assert acts("tp2 x fsdp2") == acts("replicate") - 2 * (2 * 4 * 16 * 4) // 2
     # ring collectives, 4 bytes a parameter: all-reduce 2(N-1)/N, all-gather and reduce-scatter (N-1)/N each
     assert rows["replicate"].comm_bytes == round(2 * 3 / 4 * 4 * n)
     assert rows["zero1"].comm_bytes == round(3 * 3 / 4 * 4 * n)

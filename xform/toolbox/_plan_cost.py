@@ -275,7 +275,10 @@ def predict(lay: Layout, meta: torch.nn.Module, make_input: Input, optimizer: st
             count, tensors = _largest_stage(meta, lay.size("pp"))
         strategy = "zero3" if lay.dp > 1 and fam == "tp" else "replicate"
         pred = _from_count(count, tensors, buffers, strategy=strategy, world_size=lay.dp, optimizer=optimizer)
-    acts = _activations(meta, make_input, lay.size("pp") if fam == "pp" else 1)
+    if fam == "tp":
+        acts = _activations(_narrowed(meta, tp_plan, lay.size("tp")), make_input)
+    else:
+        acts = _activations(meta, make_input, lay.size("pp") if fam == "pp" else 1)
     pred["activations"] = acts
     pred["total"] = sum(v for v in pred.values() if v is not None)
     return pred, _comm_bytes(lay, meta, make_input, tp_plan)
@@ -339,6 +342,23 @@ def _activations(meta: torch.nn.Module, make_input: Input, stages: int = 1) -> i
         return measure_activations(meta, x.to("meta") if isinstance(x, torch.Tensor) else x)
     except Exception:  # noqa: BLE001 - an op without a meta kernel: not predicted
         return None
+
+
+def _narrowed(meta: torch.nn.Module, tp_plan: Mapping[str, str], t: int) -> torch.nn.Module:
+    """A meta copy of the model as one tensor-parallel process computes it: each planned
+    ``colwise`` Linear with ``1/t`` of its outputs, each ``rowwise`` one with ``1/t`` of its
+    inputs (its output, all-reduced, is whole)."""
+    import copy
+
+    narrow = copy.deepcopy(meta)
+    modules = dict(narrow.named_modules())
+    for name, style in _planned(meta, tp_plan):
+        old = modules[name]
+        out_f, in_f = old.weight.shape
+        shape = (in_f, out_f // t) if style == "colwise" else (in_f // t, out_f)
+        parent, _, leaf = name.rpartition(".")
+        setattr(modules[parent], leaf, torch.nn.Linear(*shape, bias=old.bias is not None, device="meta"))
+    return narrow
 
 
 def _ring(n: int, nbytes: float) -> float:

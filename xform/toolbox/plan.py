@@ -329,7 +329,7 @@ def plan(
         rows.append(PlanRow(layout=lay, predicted=pred, comm_bytes=comm, fits=None if budget is None else pred["total"] <= budget))
     num_params = sum(p.numel() for p in meta.parameters())
     if any(r.layout.family == "tp" for r in rows):
-        notes.append(f"tp plan: {dict(tp_plan)}; tp activations are predicted unsplit (an upper bound)")
+        notes.append(f"tp plan: {dict(tp_plan)}")
     if any(r.layout.family == "pp" for r in rows):
         notes.append(f"pp: gpipe, {_MICROBATCHES} micro-batches, each stage replicated over dp; the largest stage's "
                      "params and activations")  # fmt: skip
