@@ -151,3 +151,17 @@ def auto_stage(budget: int):
 
 def fp16_on_cpu():
     xf.shard(wrapped(1, "fp16"), xf.DeepSpeed(stage=2)).init(fresh("sgd"))
+
+
+def native_phase(strategy: str | None, path: str | None, start: int, stop: int, acc: int = 2, opt: str = "adamw"):
+    """The native backend (or one plain process: ``strategy`` None) on [start, stop), saving to ``path``."""
+    s = wrapped(acc, "fp32")
+    if strategy is not None:
+        s = xf.shard(s, strategy)
+    state = getattr(s, "init", lambda x: x)(fresh(opt))
+    size, rank = world() if strategy is not None else (1, 0)
+    for b in data()[start:stop]:
+        n = b["x"].shape[0] // size
+        state, _ = s(state, {k: v[rank * n : (rank + 1) * n] for k, v in b.items()})
+    xf.save(state, path)
+    return state.step

@@ -122,3 +122,22 @@ def test_auto_stage_picks_the_smallest_that_fits(pool2):
     assert pool2.run(sup.auto_stage, 1500) == [3, 3]
     for text in pool2.run(sup.error_of, "auto_stage", 100):
         assert "no stage fits the budget" in text and "stage 1: 0.00 MiB" in text, text
+
+
+@pytest.mark.parametrize("native, stage", [("zero3", 3), (None, 2)])
+def test_a_native_checkpoint_loads_into_deepspeed(pool2, tmp_path, native, stage):
+    """A checkpoint of the native zero3 (2 processes) or of one plain process, loaded
+    into a DeepSpeed state and trained on, equals the uninterrupted single-process run
+    (AdamW, accumulate(2)): catches params or optimizer state laid into the wrong
+    partition (ZeRO-3's last partition is padded), a lost optimizer state, a step counter
+    not carried over."""
+    path = str(tmp_path / "native")
+    if native is None:
+        sup.native_phase(None, path, 0, 2)
+    else:
+        pool2.run(sup.native_phase, native, path, 0, 2)
+    want, _ = sup.reference(2, "fp32", "adamw")
+    for full, step, _, data in pool2.run(sup.ds_phase, stage, 2, "fp32", "adamw", None, 2, 4, path):
+        assert (step, data) == (4, {"seed": 0, "consumed": 4})
+        for k in want:
+            torch.testing.assert_close(full[k], want[k], rtol=1e-5, atol=1e-6)

@@ -14,8 +14,9 @@
   bit-exact. Plain tensors only (``torch.load(weights_only=True)``); DeepSpeed's own
   checkpoint format is pickled objects, which xform never loads.
 
-A checkpoint of another stage or world size is refused naming the file and the key that
-differ (load it into a plain state, then lay out anew).
+A native or single-process checkpoint, or a DeepSpeed one of another world size, is laid
+into the engine's partitions from its consolidated state. A DeepSpeed checkpoint of
+another stage is refused naming the file and the key that differ.
 """
 
 from __future__ import annotations
@@ -127,21 +128,18 @@ class DeepSpeedCheckpoint:
         rank, world = dist.get_rank(), dist.get_world_size()
         if not (path / "meta.json").exists():
             return plain_load(path, like=like)  # no checkpoint there: its error (FileNotFoundError)
-        if not (directory / _LAYOUT).exists():
-            raise CheckpointError(
-                f"xf.load: the checkpoint at {path} has no {_DIR}/{_LAYOUT}: it was not written from a DeepSpeed state; "
-                "load it into a plain or native state (like=...), loading a native checkpoint into a DeepSpeed "
-                "layout is not supported in this version"
-            )
+        if not (directory / _LAYOUT).exists():  # a native or single-process checkpoint: import it whole
+            return self._import(plain_load(path, like=self.export(like)), like)
         layout = json.loads((directory / _LAYOUT).read_text())
-        for key, mine in (("stage", self.stage), ("world", world)):
-            if layout.get(key) != mine:
-                raise CheckpointError(
-                    f"xf.load: the checkpoint at {path} differs from `like` at {_DIR}/{_LAYOUT}:{key}: checkpoint "
-                    f"{layout.get(key)!r}, like {mine!r}; resume a DeepSpeed checkpoint with the same stage and number "
-                    "of processes, or load it into a plain state (consolidated params and optimizer state)"
-                )
+        if layout.get("stage") != self.stage:
+            raise CheckpointError(
+                f"xf.load: the checkpoint at {path} differs from `like` at {_DIR}/{_LAYOUT}:stage: checkpoint "
+                f"{layout.get('stage')!r}, like {self.stage!r}; resume a DeepSpeed checkpoint with the same stage, "
+                "or load it into a plain state (consolidated params and optimizer state)"
+            )
         plain = plain_load(path, like=self.export(like))  # checks structure, shapes, checksums
+        if layout.get("world") != world:  # other partitions: import the consolidated state
+            return self._import(plain, like)
         file = directory / f"rank{rank}.pt"
         try:
             saved = torch.load(file, weights_only=True)
@@ -168,6 +166,71 @@ class DeepSpeedCheckpoint:
             step=plain.step, rng=plain.rng, data=plain.data, transforms=plain.transforms,
             params=_param_leaves(engine, engine.module), opt_state=_opt_leaves(engine, initialized),
         )
+
+    def _import(self, plain: TrainState, like: TrainState) -> TrainState:
+        """Lays the consolidated state ``plain`` (full fp32 params and optimizer state)
+        into the engine's partitions: exact values, new partitions (another world size, or
+        a native checkpoint)."""
+        import deepspeed
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        engine = self.engine
+        spec = static(plain)
+        initialized = plain.opt_state["initialized"]
+        inner = engine.optimizer.optimizer
+        if initialized:  # the optimizer's state over each partition, then DeepSpeed's views of it
+            kinds = plain.opt_state["state"][spec.trainable[0]]
+            for flat in _flats(engine).values():
+                entry = inner.state[flat]
+                for key, v in kinds.items():
+                    if isinstance(v, torch.Tensor) and v.dim() == 0:
+                        entry[key] = v.detach().clone()
+                    elif isinstance(v, torch.Tensor):
+                        entry[key] = torch.zeros_like(flat, dtype=v.dtype)
+                    else:
+                        entry[key] = v
+            if self.stage < 3:  # DeepSpeed links its per-param views of the state lazily, at its first step
+                engine.optimizer._hp_optimizer_states_linked = False
+                engine.optimizer._lazy_init_hp_params_optimizer_state()
+        partitioned = engine.zero_optimization_partition_weights()
+        with torch.no_grad():
+            for name, p in engine.module.named_parameters():
+                full = plain.params[name]
+                if p.requires_grad:
+                    keys = [None] + ([k for k, v in plain.opt_state["state"][name].items()
+                                      if isinstance(v, torch.Tensor) and v.dim() > 0] if initialized else [])
+                    for key in keys:
+                        value = full if key is None else plain.opt_state["state"][name][key]
+                        if partitioned:
+                            self._set_z3(p, value, key)
+                        elif key is None:
+                            safe_set_full_fp32_param(p, value)
+                        else:
+                            safe_set_full_optimizer_state(p, value, key)
+                if partitioned:
+                    with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                        p.data.copy_(full.to(p.dtype))
+                else:
+                    p.data.copy_(full.to(p.dtype))
+            for name, b in engine.module.named_buffers():
+                b.copy_(plain.buffers[name].to(b.dtype))
+        engine.global_steps = plain.step
+        engine.micro_steps = plain.step * engine.gradient_accumulation_steps()
+        return like.replace(
+            step=plain.step, rng=plain.rng, data=plain.data, transforms=plain.transforms,
+            params=_param_leaves(engine, engine.module), opt_state=_opt_leaves(engine, initialized),
+        )
+
+    def _set_z3(self, param: torch.Tensor, value: torch.Tensor, key: str | None) -> None:
+        """ZeRO-3's ``set_full_hp_param``, for a partition that the padding makes run past
+        the tensor's end on the last process (DeepSpeed 0.19's own narrows out of range)."""
+        zero = self.engine.optimizer
+        part, _ = zero._get_fp32_opt_state_partition(param, release_swap_buffers=False, optim_state_key=key)
+        size = part.numel()
+        start = size * zero._get_param_partition_rank(param)
+        flat = value.detach().flatten().to(part.dtype)
+        n = max(0, min(size, flat.numel() - start))
+        part.data.view(-1)[:n].copy_(flat[start : start + n])
 
     def _restore(self, saved: dict[str, torch.Tensor], path: Path) -> None:
         from xform.checkpoint import CheckpointError
