@@ -52,7 +52,7 @@ from xform.core.strategies import DeepSpeed
 from xform.core.transform import check_result, transforms_of
 from xform.transforms.accumulate import combine_metrics, split_batch
 
-from .config import ENGINE_OWNED, Settings, generate_config, model_dtype, settings_of
+from .config import Settings, generate_config, model_dtype, settings_of
 
 __all__ = ["DeepSpeedLayout", "engine_of", "full_params", "estimate_stage_memory"]
 
