@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 import time
 from typing import Callable
 
@@ -35,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import xform as xf
+from _stats import quartiles  # bench/ is the script's directory
 
 
 class Block(nn.Module):
@@ -114,12 +114,6 @@ def time_steps(run: Callable, ids, steps: int) -> float:
         run(ids)
     return (time.perf_counter() - start) / steps
 
-
-def quartiles(xs: list[float]) -> tuple[float, float, float]:
-    if len(xs) < 2:
-        return xs[0], xs[0], xs[0]
-    q1, q2, q3 = statistics.quantiles(xs, n=4, method="inclusive")
-    return q1, q2, q3
 
 
 def _q(xs: list[float], fmt: str = "5.3f") -> str:

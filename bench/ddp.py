@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import statistics
 import time
 import warnings
 
@@ -49,6 +48,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import xform as xf
+from _stats import quartiles  # bench/ is the script's directory
 
 DIMS = (512, 1024, 1024, 512)
 BATCH = 32  # per process
@@ -241,13 +241,6 @@ def _fmt(c: dict[str, int]) -> str:
 def _mb(text: str) -> float | None:
     return None if text == "default" else float(text)
 
-
-def quartiles(xs: list[float]) -> tuple[float, float, float]:
-    """(q1, median, q3); with one value, that value three times."""
-    if len(xs) < 2:
-        return xs[0], xs[0], xs[0]
-    q1, q2, q3 = statistics.quantiles(xs, n=4, method="inclusive")
-    return q1, q2, q3
 
 
 def _spread(xs: list[float]) -> str:

@@ -40,12 +40,14 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 if sys.path and Path(sys.path[0]).resolve() == HERE:  # this file is called deepspeed.py: never shadow the package
     sys.path.pop(0)
+sys.path.append(str(HERE))  # last: for bench/_stats.py only
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import xform as xf  # noqa: E402
+from _stats import quartiles  # noqa: E402
 
 DIMS = (512, 1024, 1024, 512)
 QUICK_DIMS = (64, 128, 64)
@@ -171,12 +173,6 @@ def memory_worker(kind: str, stage: int, steps: int, dims) -> dict:
     return {"between": between, "peaks": peaks}
 
 
-def _quartiles(xs: list[float]) -> tuple[float, float, float]:
-    if len(xs) < 2:
-        return xs[0], xs[0], xs[0]
-    q = statistics.quantiles(xs, n=4, method="inclusive")
-    return q[0], statistics.median(xs), q[2]
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -215,7 +211,7 @@ def main() -> None:
     print("\n== deepspeed: DeepSpeed / native, per stage (time: paired per-round ratios, median [q1, q3] range; memory: medians)")
     for s in STAGES:
         ratios = [d / n for d, n in zip(rounds[f"deepspeed {s}"], rounds[f"native {s}"])]
-        q1, med, q3 = _quartiles(ratios)
+        q1, med, q3 = quartiles(ratios)
         mem_b = memory[f"deepspeed {s}"][0] / memory[f"native {s}"][0]
         mem_p = memory[f"deepspeed {s}"][1] / memory[f"native {s}"][1]
         print(f"zero{s}: time {med:.2f} [{q1:.2f}, {q3:.2f}] range {min(ratios):.2f}-{max(ratios):.2f}; "

@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import statistics
 import sys
 import time
 import traceback
@@ -61,6 +60,7 @@ import torch
 
 import xform as xf
 from xform.transforms.fp8 import Float8
+from _stats import quartiles  # bench/ is the script's directory
 
 PEAK_BF16_H100_H200 = 989e12  # dense bf16 FLOP/s of an H100/H200 SXM (no sparsity)
 VARIANTS = ("bf16-eager", "bf16-compiled", "fp8-eager", "fp8-compiled")
@@ -188,12 +188,6 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def quartiles(xs: list[float]) -> tuple[float, float, float]:
-    if len(xs) == 1:
-        return xs[0], xs[0], xs[0]
-    q1, med, q3 = statistics.quantiles(xs, n=4, method="inclusive")
-    return med, q1, q3
-
 
 def make_batch(args: argparse.Namespace, vocab: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
@@ -215,7 +209,7 @@ def guarded(name: str, fn: Callable[[], Any]) -> Any:
         return fn()
     except torch.OutOfMemoryError:
         print(f"  {name}: out of memory (lower --batch or --seq)", flush=True)
-        return f"out of memory"
+        return "out of memory"
     except Exception as e:  # noqa: BLE001 - one failed variant must not cost the others' figures
         traceback.print_exc()
         return f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
@@ -320,16 +314,16 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(r, str) or r.error or not r.times:
             print(f"{name:14s} {r if isinstance(r, str) else r.error or 'no rounds'}")
             continue
-        med, q1, q3 = quartiles(r.times)
+        q1, med, q3 = quartiles(r.times)
         tps = tokens / med
         mfu = f"{100 * tps * per_token / peak:5.1f}%" if peak else "   n/a"
         if base_times is None:
             ratio = "n/a"
         elif args.sequential or len(base_times) != len(r.times):  # runs one after another: ratios of medians, quartiles crossed
-            b, bq1, bq3 = quartiles(base_times)
+            bq1, b, bq3 = quartiles(base_times)
             ratio = f"{b / med:.3f} [{bq1 / q3:.3f}, {bq3 / q1:.3f}]"
         else:  # paired by round
-            rm, rq1, rq3 = quartiles([b / t for b, t in zip(base_times, r.times)])
+            rq1, rm, rq3 = quartiles([b / t for b, t in zip(base_times, r.times)])
             ratio = f"{rm:.3f} [{rq1:.3f}, {rq3:.3f}]"
         print(f"{name:14s} {med:10.4f} [{q1:.4f}, {q3:.4f}] {tps:10.0f} {mfu:>6s} {ratio:>24s} {r.loss:7.3f}  {r.how}")
     failed = [n for n in names if isinstance(results[n], str) or results[n].error]

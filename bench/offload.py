@@ -37,18 +37,12 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from _stats import quartiles  # bench/ is the script's directory
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 ENGINES = ("xform", "accelerate")
 
-
-def quartiles(xs: list[float]) -> tuple[float, float, float]:
-    xs = sorted(xs)
-    if len(xs) < 2:
-        return xs[0], xs[0], xs[0]
-    q = statistics.quantiles(xs, n=4, method="inclusive")
-    return q[0], statistics.median(xs), q[2]
 
 
 def fmt(xs: list[float], unit: str = "", scale: float = 1.0) -> str:

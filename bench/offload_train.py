@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from _stats import quartiles  # bench/ is the script's directory
 
 VARIANTS = {
     "plain": {},
@@ -105,12 +106,6 @@ def worker(variant: str, width: int, depth: int, chunk_mb: float, directory: str
         print(json.dumps({"times": times}), flush=True)
 
 
-def _quartiles(xs: list[float]) -> tuple[float, float, float]:
-    if len(xs) == 1:
-        return xs[0], xs[0], xs[0]
-    q = statistics.quantiles(xs, n=4, method="inclusive")
-    return q[1], q[0], q[2]
-
 
 def train_rows(quick: bool, *, width: int | None = None, depth: int | None = None, rounds: int | None = None,
                steps: int | None = None, chunk_mb: float | None = None, directory: str | None = None) -> list[str]:
@@ -162,9 +157,9 @@ def train_rows(quick: bool, *, width: int | None = None, depth: int | None = Non
     base = medians["plain"]
     for name in VARIANTS:
         ms = [1e3 * x for x in medians[name]]
-        m, q1, q3 = _quartiles(ms)
+        q1, m, q3 = quartiles(ms)
         ratios = [a / b for a, b in zip(medians[name], base)]
-        rm, r1, r3 = _quartiles(ratios)
+        r1, rm, r3 = quartiles(ratios)
         rows.append(
             f"{name:44s} {m:10.2f} [{q1:.2f}, {q3:.2f}]".ljust(71)
             + f" {rm:8.2f} [{r1:.2f}, {r3:.2f}]".rjust(24)

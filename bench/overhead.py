@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 import xform as xf
+from _stats import quartiles  # bench/ is the script's directory
 
 WIDTH, BATCH = 32, 8
 VARIANTS = (  # name, micro-batches, xform policy, autocast dtype of the twins
@@ -137,13 +138,6 @@ def time_steps(run: Callable, batch, steps: int) -> float:
         run(batch)
     return (time.perf_counter() - start) / steps
 
-
-def quartiles(xs: list[float]) -> tuple[float, float, float]:
-    """(q1, median, q3); with one value, that value three times."""
-    if len(xs) < 2:
-        return xs[0], xs[0], xs[0]
-    q1, q2, q3 = statistics.quantiles(xs, n=4, method="inclusive")
-    return q1, q2, q3
 
 
 def measure(micro: int, policy: str, dtype: torch.dtype | None, rounds: int, steps: int, warmup: int, batch) -> dict:

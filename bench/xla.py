@@ -24,18 +24,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import time
+
+from _stats import quartiles  # bench/ is the script's directory
 
 os.environ.setdefault("PJRT_DEVICE", "CPU")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-
-def quartiles(xs: list[float]) -> tuple[float, float, float]:
-    if len(xs) < 2:
-        return xs[0], xs[0], xs[0]
-    q = statistics.quantiles(xs, n=4, method="inclusive")
-    return q[0], statistics.median(xs), q[2]
 
 
 def main() -> None:

@@ -91,3 +91,34 @@ def test_mfu_prints_the_flop_formula_and_a_row_per_variant():
         row = [line for line in lines if line.startswith(variant + " ")]
         assert len(row) == 1 and re.search(rf"{SPREAD}\s+\d+\s+n/a\s+{SPREAD}\s+{NUM}\s+\S", row[0]), (variant, lines)
     assert "xf.jit(aot_eager)" in "\n".join(lines) or "module.compile(aot_eager)" in "\n".join(lines), lines
+
+
+def test_compile_prints_speedups_with_spread():
+    """Catches: a runner missing (the compiled xform step, the hand loop, its compiled model)
+    or a speedup without its quartiles."""
+    out = run_quick("compile.py")
+    for runner in ("hand eager", "hand compiled model", "xform eager", "xform jit"):
+        row = [line for line in out.splitlines() if line.startswith(runner + " ")]
+        assert len(row) == 1 and re.search(rf"{NUM} \[\s*{NUM},\s*{NUM}\]\s+{NUM} \[{NUM}, {NUM}\]", row[0]), (runner, out)
+
+
+def test_deepspeed_prints_time_and_memory_ratios_per_stage():
+    """Catches: a stage missing, a time ratio without its quartiles and range, a variant whose
+    weights drift from the others (the same math on both engines)."""
+    lines = table(run_quick("deepspeed.py"), "deepspeed:")
+    for stage in ("zero1", "zero2", "zero3"):
+        row = [line for line in lines if line.startswith(stage + ":")]
+        assert len(row) == 1 and re.search(rf"time {SPREAD} range {NUM}-{NUM}; memory between {NUM}, peak {NUM}", row[0]), (stage, lines)
+
+
+def test_offload_prints_inference_ratios_against_accelerate_and_training_rows():
+    """Catches: a ratio without its spread, engines whose outputs differ, the training half
+    (bench/offload_train.py) missing a variant."""
+    out = run_quick("offload.py")
+    text = "\n".join(table(out, "offload: inference"))
+    assert re.search(rf"xform / accelerate: forward {NUM}x \[{NUM}, {NUM}\], peak memory {NUM}x \[{NUM}, {NUM}\]", text), text
+    assert "DIFFERS" not in text and text.count("  equal") == 2
+    lines = table(out, "offload_train:")
+    for v in ("plain", 'offload(optimizer="disk")', 'offload(params="disk")', 'offload(params="disk", optimizer="disk")'):
+        row = [line for line in lines if line.startswith(v + " ")]
+        assert len(row) == 1 and re.search(rf"{SPREAD}\s+{SPREAD}\s+{NUM}\s+{NUM}\s+{NUM}$", row[0]), (v, lines)
