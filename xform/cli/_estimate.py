@@ -23,13 +23,8 @@ communication buffers, ZeRO-3's gathered layer, the CUDA context, fragmentation.
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import json
-import os
-import sys
 import traceback
-from pathlib import Path
 from typing import Any, Callable
 
 from xform.cli import CommandError
@@ -82,34 +77,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_callable(spec: str) -> Callable[..., Any]:
     """``module:attr`` or ``path/to/file.py:attr`` (``attr`` may be dotted) to the object."""
-    target, sep, attr = spec.rpartition(":")
-    if not sep or not target or not attr:
-        raise CommandError(f"MODEL must be module:callable or path/to/file.py:callable, got {spec!r}")
-    if target.endswith(".py") or "/" in target or os.sep in target:
-        path = Path(target).expanduser().resolve()
-        if not path.is_file():
-            raise CommandError(f"no such file {target!r} (from MODEL {spec!r})")
-        sys.path.insert(0, str(path.parent))  # so that it can import its neighbours
-        mod_spec = importlib.util.spec_from_file_location(f"_xform_model_{path.stem}", path)
-        module = importlib.util.module_from_spec(mod_spec)
-        sys.modules[mod_spec.name] = module
-        mod_spec.loader.exec_module(module)
-    else:
-        if os.getcwd() not in sys.path:
-            sys.path.insert(0, os.getcwd())  # as `python -m` does
-        try:
-            module = importlib.import_module(target)
-        except ModuleNotFoundError as e:
-            raise CommandError(f"cannot import {target!r} (from MODEL {spec!r}): {e}") from None
-    obj: Any = module
-    for part in attr.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise CommandError(f"{target!r} has no attribute {attr!r} (from MODEL {spec!r})") from None
-    if not callable(obj):
-        raise CommandError(f"{spec!r} is a {type(obj).__name__}, not a callable returning an nn.Module")
-    return obj
+    from xform.toolbox._callable import load_callable as load
+
+    try:
+        return load(spec, what="MODEL")
+    except ValueError as e:
+        raise CommandError(str(e)) from None
 
 
 def build_on_meta(spec: str, args_json: str | None) -> Any:

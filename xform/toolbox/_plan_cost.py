@@ -5,12 +5,7 @@ and send per process (docs/plan.md has the formulas). Memory comes from
 from __future__ import annotations
 
 import fnmatch
-import importlib
-import importlib.util
 import math
-import os
-import sys
-from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import attrs
@@ -19,6 +14,7 @@ import torch
 from xform.core import strategies as _strategies
 from xform.toolbox.memory import OPTIMIZERS, estimate_memory, measure_activations
 from xform.toolbox.memory import STRATEGIES as _MEMORY_STRATEGIES
+from xform.toolbox._callable import load_callable
 
 # The 1-D data-parallel strategies of core's table (as memory.py derives them), then the mesh families.
 _DATA_PARALLEL = _MEMORY_STRATEGIES  # replicate, zero1, zero2, zero3: the families estimate_memory has formulas for
@@ -51,37 +47,10 @@ class Layout:
 
 def resolve(spec: str, *, what: str = "model") -> Callable[..., Any]:
     """``"module:attr"`` or ``"path/to/file.py:attr"`` (``attr`` may be dotted) to the object."""
-    target, sep, attr = spec.rpartition(":")
-    if not sep or not target or not attr:
-        raise ValueError(f"plan: {what} must be module:function or path/to/file.py:function, got {spec!r}")
-    if target.endswith(".py") or "/" in target or os.sep in target:
-        path = Path(target).expanduser().resolve()
-        if not path.is_file():
-            raise ValueError(f"plan: no such file {target!r} (from {what} {spec!r})")
-        modname = f"_xform_plan_{path.stem}_{abs(hash(str(path)))}"
-        module = sys.modules.get(modname)
-        if module is None:
-            sys.path.insert(0, str(path.parent))  # so that it can import its neighbours
-            mod_spec = importlib.util.spec_from_file_location(modname, path)
-            module = importlib.util.module_from_spec(mod_spec)
-            sys.modules[modname] = module
-            mod_spec.loader.exec_module(module)
-    else:
-        if os.getcwd() not in sys.path:
-            sys.path.insert(0, os.getcwd())  # as `python -m` does
-        try:
-            module = importlib.import_module(target)
-        except ModuleNotFoundError as e:
-            raise ValueError(f"plan: cannot import {target!r} (from {what} {spec!r}): {e}") from None
-    obj: Any = module
-    for part in attr.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise ValueError(f"plan: {target!r} has no attribute {attr!r} (from {what} {spec!r})") from None
-    if not callable(obj):
-        raise ValueError(f"plan: {what} {spec!r} is a {type(obj).__name__}, not a callable")
-    return obj
+    try:
+        return load_callable(spec, what=what, kind="function")
+    except ValueError as e:
+        raise ValueError(f"plan: {e}") from None
 
 
 class Input:
