@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import xform as xf
-from _stats import quartiles  # bench/ is the script's directory
+from _common import quartiles  # bench/ is the script's directory
 
 
 class Block(nn.Module):

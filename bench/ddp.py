@@ -48,7 +48,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import xform as xf
-from _stats import quartiles  # bench/ is the script's directory
+from _common import mse_step, quartiles  # bench/ is the script's directory
 
 DIMS = (512, 1024, 1024, 512)
 BATCH = 32  # per process
@@ -79,14 +79,7 @@ def parse_dims(text: str) -> tuple[int, ...]:
     return tuple(int(d) for d in text.split(","))
 
 
-def xform_step(state, batch):
-    x, y = batch
-
-    def loss_fn(params):
-        return F.mse_loss(xf.apply(state, params, x), y)
-
-    loss, grads = xf.value_and_grad(loss_fn)(state.params)
-    return state.apply_gradients(grads), {"loss": loss}
+xform_step = mse_step
 
 
 # --- timing ---------------------------------------------------------------------------------

@@ -44,10 +44,9 @@ sys.path.append(str(HERE))  # last: for bench/_stats.py only
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 import xform as xf  # noqa: E402
-from _stats import quartiles  # noqa: E402
+from _common import mse_step, quartiles  # noqa: E402
 
 DIMS = (512, 1024, 1024, 512)
 QUICK_DIMS = (64, 128, 64)
@@ -64,14 +63,7 @@ def mlp(dims) -> torch.nn.Module:
     return torch.nn.Sequential(*layers)
 
 
-def step(state, batch):
-    x, y = batch
-
-    def loss_fn(params):
-        return F.mse_loss(xf.apply(state, params, x), y)
-
-    loss, grads = xf.value_and_grad(loss_fn)(state.params)
-    return state.apply_gradients(grads), {"loss": loss}
+step = mse_step
 
 
 def _quiet() -> None:

@@ -60,7 +60,7 @@ import torch
 
 import xform as xf
 from xform.transforms.fp8 import Float8
-from _stats import quartiles  # bench/ is the script's directory
+from _common import quartiles  # bench/ is the script's directory
 
 PEAK_BF16_H100_H200 = 989e12  # dense bf16 FLOP/s of an H100/H200 SXM (no sparsity)
 VARIANTS = ("bf16-eager", "bf16-compiled", "fp8-eager", "fp8-compiled")

@@ -36,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from _stats import quartiles  # bench/ is the script's directory
+from _common import quartiles  # bench/ is the script's directory
 
 VARIANTS = {
     "plain": {},

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 import xform as xf
-from _stats import quartiles  # bench/ is the script's directory
+from _common import mse_step, quartiles  # bench/ is the script's directory
 
 WIDTH, BATCH = 32, 8
 VARIANTS = (  # name, micro-batches, xform policy, autocast dtype of the twins
@@ -113,16 +113,7 @@ def grad_loop(micro: int, dtype: torch.dtype | None):
 
 
 def xform_loop(micro: int, policy: str):
-    def step(state, batch):
-        x, y = batch
-
-        def loss_fn(params):
-            return F.mse_loss(xf.apply(state, params, x), y)
-
-        loss, grads = xf.value_and_grad(loss_fn)(state.params)
-        return state.apply_gradients(grads), {"loss": loss}
-
-    step = xf.accumulate(xf.mixed_precision(step, policy), micro)
+    step = xf.accumulate(xf.mixed_precision(mse_step, policy), micro)
     init = getattr(step, "init", lambda state: state)  # a step no transform changed has none
     box = [init(xf.TrainState.create(mlp(), optimizer=torch.optim.AdamW, lr=1e-3))]
 

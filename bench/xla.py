@@ -26,7 +26,7 @@ import argparse
 import os
 import time
 
-from _stats import quartiles  # bench/ is the script's directory
+from _common import quartiles  # bench/ is the script's directory
 
 os.environ.setdefault("PJRT_DEVICE", "CPU")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
