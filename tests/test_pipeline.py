@@ -53,14 +53,15 @@ def _check(results, loss: str, opt: str, **ref_kwargs) -> None:
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
 def test_pp2_equals_the_single_process_step(pool2, schedule):
-    """pp=2, three steps of AdamW (plain mean loss) and of SGD (an xf.Mean loss whose
-    count differs between micro-batches) equal one process on the global batch, and the
-    loss comes back on both processes. Catches: a missing 1/M micro-batch scale (SGD
-    shows it, AdamW would hide it), a count not summed over micro-batches or not
+    """pp=2, three steps of AdamW and of SGD (plain mean loss), and of SGD (an xf.Mean loss
+    whose count differs between micro-batches) equal one process on the global batch, and
+    the loss comes back on both processes. Catches: a missing 1/M micro-batch scale of a
+    plain mean loss (SGD shows it, AdamW would hide it), a count not summed over micro-batches or not
     broadcast from the last stage, a wrong stage order or split, a gradient left in
     ``.grad`` across steps, the loss of the first step polluted by the schedule's shape
     inference."""
     _check(pool2.run(sup.pipelined, schedule, "plain", "adamw"), "plain", "adamw")
+    _check(pool2.run(sup.pipelined, schedule, "plain", "sgd"), "plain", "sgd")
     _check(pool2.run(sup.pipelined, schedule, "mean", "sgd", microbatches=4), "mean", "sgd")
 
 

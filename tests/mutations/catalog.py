@@ -226,4 +226,30 @@ MUTATIONS: tuple[Mutation, ...] = (
         bug="shard(accumulate(f)): a parameter the last micro-batch does not use loses the earlier "
         "micro-batches' gradient sums (a routed expert trains as if it had no gradient)",
     ),
+    Mutation(
+        name="jit_update_reaches_params_on_a_nan_batch",
+        path="xform/core/state.py",
+        find="p.copy_(torch.where(ok, w, p))",
+        replace="p.copy_(w)",
+        tests=("tests/test_jit.py::test_jitted_step_equals_the_eager_step_bit_for_bit[plain]",),
+        bug="xf.jit: the select that replaces the host read keeps the update of a non-finite "
+        "gradient, so a NaN batch writes NaN into the params",
+    ),
+    Mutation(
+        name="pipeline_micro_batch_loss_not_divided",
+        path="backends/torch_native/pipeline.py",
+        find="return loss.reshape(()) / pieces",
+        replace="return loss.reshape(())",
+        tests=("tests/test_pipeline.py::test_pp2_equals_the_single_process_step[gpipe]",),
+        bug="Pipeline: each micro-batch's mean loss is not divided by the number of micro-batches, "
+        "so the gradient is M times too large",
+    ),
+    Mutation(
+        name="deepspeed_accumulation_not_in_its_config",
+        path="backends/deepspeed/config.py",
+        find='generated["gradient_accumulation_steps"] = (settings.accumulation, acc_source)',
+        replace='generated["gradient_accumulation_steps"] = (1, acc_source)',
+        tests=("tests/test_deepspeed.py::test_config_is_generated_from_the_transforms",),
+        bug="xf.DeepSpeed under accumulate(k): the engine steps after every micro-batch instead of every k",
+    ),
 )
