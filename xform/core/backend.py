@@ -58,6 +58,15 @@ class Layout(Protocol):
     #       into its one agreement all-reduce), else None
     #   optimizer_update(state, grads, squares) -> opt_state   the update on the shards,
     #       params gathered after; ``squares`` is ``owned_squares`` summed over the group
+    #
+    # Optional, for a layout whose engine runs the whole step (DeepSpeed: backward,
+    # accumulation, loss scale, update; XLA: the step traced as one graph, ended by the
+    # graph boundary). ``shard`` checks the layout tag, then calls it instead of the step:
+    #
+    #   run(state, batch) -> (state, metrics)
+    #
+    # Optional on a handler (a pipeline): ``prepare(step, state, batch)``, called under the
+    # handler before the step, to collect what the schedule needs (each micro-batch's loss).
 
 
 class Backend(Protocol):

@@ -138,9 +138,10 @@ class _Stack:
 
 
 class Trace:
-    """What ``xf.jit`` records while it traces a step (see ``tracing``): the
-    "gradient not finite" flag of each update, so that the update becomes a select on
-    the device instead of a host read, and the compiled step returns the flag."""
+    """What a traced step records (``xf.jit`` while it traces, the XLA backend while torch_xla
+    records its lazy graph; see ``tracing``): the "gradient not finite" flag of each update,
+    so that the update becomes a select on the device instead of a host read, and the
+    caller reads the flag once, after the step."""
 
     __slots__ = ("flags", "capturable", "pending")
 
@@ -157,7 +158,7 @@ _TRACING: contextvars.ContextVar[Trace | None] = contextvars.ContextVar("xform_t
 
 
 def tracing() -> Trace | None:
-    """The ``Trace`` of the step ``xf.jit`` is tracing now, or None (eager)."""
+    """The ``Trace`` of the step being traced now (``xf.jit``, the XLA backend), or None (eager)."""
     return _TRACING.get()
 
 
