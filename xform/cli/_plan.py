@@ -92,25 +92,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", default=None, metavar="OUT.png", help="write memory vs step time per strategy (matplotlib)")
 
 
+def _json_object(flag: str, text: str | None, what: str) -> dict | None:
+    """``text`` parsed as a JSON object, None when the flag was not given."""
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CommandError(f"{flag} is not valid JSON ({e}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise CommandError(f"{flag} must be a JSON object of {what}, got {text!r}")
+    return value
+
+
 def run(args: argparse.Namespace) -> int:
     from xform.toolbox.plan import plan
 
-    tp_plan = None
-    if args.tp_plan:
-        try:
-            tp_plan = json.loads(args.tp_plan)
-        except json.JSONDecodeError as e:
-            raise CommandError(f"--tp-plan is not valid JSON ({e}): {args.tp_plan!r}") from None
-        if not isinstance(tp_plan, dict):
-            raise CommandError(f"--tp-plan must be a JSON object of module pattern -> colwise/rowwise, got {args.tp_plan!r}")
-    model_kwargs = None
-    if args.args:
-        try:
-            model_kwargs = json.loads(args.args)
-        except json.JSONDecodeError as e:
-            raise CommandError(f"--args is not valid JSON ({e}): {args.args!r}") from None
-        if not isinstance(model_kwargs, dict):
-            raise CommandError(f"--args must be a JSON object of keyword arguments, got {args.args!r}")
+    tp_plan = _json_object("--tp-plan", args.tp_plan, "module pattern -> colwise/rowwise")
+    model_kwargs = _json_object("--args", args.args, "keyword arguments")
     world = args.nproc if args.nproc is not None or args.mesh is not None else 2
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()] if args.strategies else None
     try:
