@@ -76,6 +76,40 @@ def test_jitted_step_equals_the_eager_step_bit_for_bit(variant):
     assert fast.compilations == 1 and backend.graphs == 1  # the first step runs eagerly, then one graph
 
 
+@pytest.mark.parametrize("variant", ["plain", "accumulate(bf16, 2)"])
+def test_torch_compile_of_a_step_runs_and_equals_the_eager_step(variant):
+    """``torch.compile(step)`` on a transformed step (no ``xf.jit``) must run, give the eager
+    step's results bit for bit on the ``aot_eager`` backend, skip the NaN batch's update
+    and compile nothing new after the second step. Catches dynamo tracing into the frozen
+    state's bookkeeping (it raised FrozenInstanceError), a memoized count it would trace
+    wrongly (the micro-batch fractions), and a guard on the step counter or data position
+    (a recompilation per step). Dynamo breaks the graph at the host bookkeeping; ``xf.jit``
+    is the one-graph path."""
+    wrapped = VARIANTS[variant](scaled_step)
+    backend = counting("aot_eager")
+    compiled = torch.compile(wrapped, backend=backend)
+    state = init(wrapped, make_state(optimizer=torch.optim.SGD, lr=0.1, momentum=0.9))
+    eager = state.copy()
+    batches = [good(0), good(1), nan(2), good(3), good(4), good(5)]
+    graphs = []
+    for i, b in enumerate(batches):
+        state, metrics = compiled(state, b)
+        eager, eager_metrics = wrapped(eager, b)
+        graphs.append(backend.graphs)
+        assert state.step == eager.step and state.data == eager.data, i
+        assert torch.equal(metrics["loss"], eager_metrics["loss"]) or (
+            math.isnan(float(metrics["loss"])) and math.isnan(float(eager_metrics["loss"]))
+        ), i
+        for k in state.params:
+            assert torch.equal(state.params[k], eager.params[k]), (i, k)
+        assert_states_close(state.opt_state, eager.opt_state, rtol=0, atol=0)
+    assert state.transforms["nonfinite"] == eager.transforms["nonfinite"] == {"skipped": 1, "consecutive": 0}
+    assert graphs[0] > 0, "torch.compile compiled no graph: the step ran eagerly"
+    # new graphs only for new paths: the first update (it creates the optimizer state), the
+    # second (the direct update), the first after a skip (the counter's reset); then none
+    assert graphs[-1] == graphs[-2] == graphs[-3], f"graphs compiled after each step: {graphs} (a recompilation per step)"
+
+
 def test_token_count_losses_over_uneven_micro_batches_equal_eager():
     """Catches the token counts (tensors, different per micro-batch and per step) being
     baked into the graph at trace time: later steps would divide by the first step's

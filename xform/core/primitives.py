@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextvars
 import fractions
-import functools
 import re
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -89,6 +88,7 @@ class Reducer(Handler):
 
     def __init__(self) -> None:
         self.pending: Any = None  # count recorded by value_and_grad, not yet passed on
+        self.memo: dict[Any, fractions.Fraction] = {}  # exact counts by their terms (a Fraction is slow to build)
 
     def at_last_piece(self) -> bool:
         """Whether the gradient being computed is this reducer's last piece."""
@@ -578,17 +578,16 @@ def _per_piece(total: torch.Tensor, reducers: tuple[Reducer, ...]) -> torch.Tens
     pieces = 1
     for h in reducers:
         pieces *= h.pieces
-    reducers[-1].pending = _fraction(pieces)
+    memo = reducers[-1].memo
+    unit = memo.get(pieces)
+    if unit is None:
+        unit = memo[pieces] = fractions.Fraction(1, pieces)
+    reducers[-1].pending = unit
     return total if pieces == 1 else total / pieces
 
 
 def _is_one(count: Any) -> bool:
     return type(count) is int and count == 1
-
-
-@functools.lru_cache(maxsize=64)
-def _fraction(pieces: int) -> fractions.Fraction:
-    return fractions.Fraction(1, pieces)
 
 
 def _check_scalar(loss: Any) -> torch.Tensor:

@@ -71,7 +71,7 @@ class _Handler(Reducer):
                 f"accumulate: the step called apply_gradients twice on micro-batch {self.micro}; "
                 "a step must call it exactly once"
             )
-        self.count = _add_counts(self.count, self.take_count(count))
+        self.count = _add_counts(self.count, self.take_count(count), self.memo)
         if self.folded:
             return next(state, grads, self.count)
         if self.grads is None:
@@ -109,21 +109,19 @@ def _fold(acc: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     return grad + acc
 
 
-def _add_counts(a: Any, b: Any) -> Any:
+def _add_counts(a: Any, b: Any, memo: dict[Any, fractions.Fraction]) -> Any:
     if type(a) is int and a == 0:  # the first micro-batch
         return b
-    if type(a) is fractions.Fraction and type(b) is fractions.Fraction:  # plain mean losses: cached sums
-        return _add_fractions(a, b)
+    if type(a) is fractions.Fraction and type(b) is fractions.Fraction:  # plain mean losses: memoized sums
+        total = memo.get((a, b))
+        if total is None:
+            total = memo[(a, b)] = a + b
+        return total
     if isinstance(a, fractions.Fraction) != isinstance(b, fractions.Fraction):
         raise ValueError(
             "accumulate: some micro-batches returned a plain loss and others an xf.Mean; "
             "return the same kind of loss from every micro-batch"
         )
-    return a + b
-
-
-@functools.lru_cache(maxsize=256)
-def _add_fractions(a: fractions.Fraction, b: fractions.Fraction) -> fractions.Fraction:
     return a + b
 
 
