@@ -17,6 +17,12 @@ the paired ratio *hand eager / runner* (a speedup, > 1 is faster than the hand l
 its quartiles ``[q1, q3]``, each ratio taken within one round. ``max|dw|`` is the largest
 weight difference from the hand loop after all steps (rounding of reordered arithmetic).
 
+Allocator: the runners share one process, hence one heap. With glibc's default heap
+trimming, freed pages are unmapped and faulted in again, and which runner pays depends on
+the heap's history (the hand loop measured 31 or 40 ms per step depending on what ran
+before it). The script therefore reruns itself with trimming off (``--malloc steady``,
+what ``xform launch`` sets on CPU hosts); ``--malloc default`` keeps glibc's defaults.
+
 Run: ``.venv/bin/python bench/compile.py`` (``--rounds 7 --steps 5``); ``--quick``: a
 tiny model, 2 rounds, the ``aot_eager`` backend (no C++ compilation): checks that the
 script runs, its figures mean nothing.
@@ -34,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import xform as xf
-from _common import quartiles  # bench/ is the script's directory
+from _common import quartiles, steady_malloc  # bench/ is the script's directory
 
 
 class Block(nn.Module):
@@ -133,8 +139,13 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=2048)
     parser.add_argument("--backend", default="inductor", help="torch.compile backend of both compiled runners")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--malloc", choices=("steady", "default"), default="steady",
+        help="steady: rerun with glibc's heap trimming off (as xform launch does on CPU); default: glibc's",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny model, aot_eager, 2 rounds: checks the script runs")
     args = parser.parse_args()
+    malloc = steady_malloc(args.malloc)
     if args.quick:
         args.rounds, args.steps, args.warmup = 2, 2, 2
         args.layers, args.width, args.seq, args.batch, args.vocab, args.backend = 1, 32, 16, 2, 64, "aot_eager"
@@ -145,7 +156,7 @@ def main() -> None:
     print(
         f"compile: GPT {args.layers} layers x {args.width}, vocab {args.vocab}, seq {args.seq}, batch {args.batch} "
         f"({n_params / 1e6:.2f}M params), AdamW foreach, {args.threads} thread(s), backend {args.backend}; "
-        f"{args.rounds} interleaved rounds x {args.steps} steps after {args.warmup} warm-up steps each"
+        f"{args.rounds} interleaved rounds x {args.steps} steps after {args.warmup} warm-up steps each; {malloc}"
     )
     runners: dict[str, tuple[Callable, Callable]] = {}
     makers = {

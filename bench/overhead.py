@@ -197,6 +197,19 @@ def main() -> None:
     for name, res in results.items():
         us = statistics.median(res["times"]["xform"]) * 1e6
         print(f"{name:38s} {us:8.1f} {_q(res['ratios']['backward']):>22s} {_q(res['ratios']['autograd.grad']):>22s}")
+    print("\n== added microseconds: xform's median minus the twin's (negative: xform is faster) ==")
+    added = {
+        name: {n: (statistics.median(res["times"]["xform"]) - statistics.median(res["times"][n])) * 1e6 for n in RUNNERS[1:]}
+        for name, res in results.items()
+    }
+    print(f"{'':38s} {'vs backward()':>14s} {'vs autograd.grad':>17s}")
+    for name, _, _, _ in VARIANTS:
+        print(f"{'per step: ' + name:38s} {added[name]['backward']:+14.1f} {added[name]['autograd.grad']:+17.1f}")
+    for single, double in (("step", "accumulate(2)"), ("mixed_precision(bf16)", "accumulate(mixed_precision(bf16), 2)")):
+        # accumulate(2) runs one micro-batch more than the plain step: the difference of the
+        # two added costs is what one more micro-batch adds
+        per_micro = {n: added[double][n] - added[single][n] for n in RUNNERS[1:]}
+        print(f"{'per extra micro-batch: ' + single:38s} {per_micro['backward']:+14.1f} {per_micro['autograd.grad']:+17.1f}")
     print(f"import torch {t_torch:.3f} s; import xform {t_xform:.3f} s; xform adds {t_xform - t_torch:+.3f} s")
 
 

@@ -11,7 +11,7 @@ import textwrap
 import pytest
 
 import xform.cli
-from xform.cli._launch import torchrun_argv
+from xform.cli._launch import STEADY_MALLOC, torchrun_argv
 
 SCRIPT = textwrap.dedent(
     """
@@ -23,7 +23,7 @@ SCRIPT = textwrap.dedent(
     sys.stdout.write(json.dumps({               # one write: the ranks share stdout, unbuffered
         "rank": rt.rank, "world": rt.world_size, "sum": total.item(), "args": sys.argv[1:],
         "backend": rt.backend, "timeout": rt.timeout and rt.timeout.total_seconds(),
-        "precision": cfg and cfg["precision"],
+        "precision": cfg and cfg["precision"], "malloc": os.environ.get("GLIBC_TUNABLES"),
     }) + "\\n")
     sys.stdout.flush()
     D.shutdown()
@@ -40,6 +40,7 @@ FLAKY = textwrap.dedent(
     """
 )
 
+OWN_MALLOC = "glibc.malloc.arena_max=2"
 CLEAN = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "XFORM_TIMEOUT", "XFORM_LAUNCH_CONFIG")
 
 
@@ -50,19 +51,22 @@ def runs(tmp_path_factory):
     (d / "script.py").write_text(SCRIPT)
     (d / "flaky.py").write_text(FLAKY)
     (d / "config.json").write_text(json.dumps({"nproc_per_node": 2, "precision": "bf16"}))
-    env = {k: v for k, v in os.environ.items() if k not in CLEAN}
+    env = {k: v for k, v in os.environ.items() if k not in CLEAN and k != "GLIBC_TUNABLES"}
     env.update(XFORM_CONFIG=str(d / "config.json"), OMP_NUM_THREADS="1")
     cli = [sys.executable, "-m", "xform.cli", "launch"]
     commands = {
         # nproc 2 from the config file; the script's own --nproc 9 is the script's
         "config": cli + ["--timeout", "90", str(d / "script.py"), "--lr", "0.1", "--nproc", "9"],
-        "one": cli + ["--nproc", "1", str(d / "script.py")],  # the flag beats the config file
+        "one": cli + ["--nproc", "1", str(d / "script.py")],  # the flag beats the config file; own malloc settings
         "plain": [sys.executable, str(d / "script.py")],
         "restart": cli + ["--nproc", "1", "--max-restarts", "1", str(d / "flaky.py")],
         "fail": cli + ["--nproc", "1", str(d / "flaky.py")],
     }
+    envs = {"one": {**env, "GLIBC_TUNABLES": OWN_MALLOC}}
     procs = {
-        name: subprocess.Popen(cmd, env=env, cwd=d, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        name: subprocess.Popen(
+            cmd, env=envs.get(name, env), cwd=d, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         for name, cmd in commands.items()
     }
     done = {}
@@ -96,14 +100,19 @@ def test_two_processes_with_settings_from_the_config_file(runs):
     assert "precision           bf16          (config file " in err
     assert "timeout             90 s" in err
     assert "xform launch: torchrun --nnodes 1 --nproc-per-node 2 --standalone --max-restarts 0 " in err
+    # a CPU host: the ranks start with glibc's heap trimming off (STEADY_MALLOC), and say so
+    assert all(r["malloc"] == STEADY_MALLOC for r in got), got
+    assert f"GLIBC_TUNABLES      {STEADY_MALLOC} (CPU host" in err
 
 
 def test_one_process_by_flag_and_by_plain_python(runs):
     (one,) = lines(runs["one"])
     assert (one["rank"], one["world"], one["sum"], one["backend"], one["timeout"]) == (0, 1, 1.0, "gloo", 600.0)
     assert "nproc_per_node      1             (flag)" in runs["one"].stderr
+    assert one["malloc"] == OWN_MALLOC, "the launcher replaced the user's GLIBC_TUNABLES"
     (plain,) = lines(runs["plain"])
     assert (plain["rank"], plain["world"], plain["sum"], plain["backend"], plain["precision"]) == (0, 1, 1.0, None, None)
+    assert plain["malloc"] is None
 
 
 def test_max_restarts_is_passed_through(runs):

@@ -75,6 +75,8 @@ _NOT_DIRECT = "not direct"  # cached on an optimizer that can never take the dir
 def _direct(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> "Callable[[list[torch.Tensor]], None] | None":
     """The direct update of ``optimizer`` over ``params`` (its params, in ``build_optimizer``'s
     order), or None where ``optimizer.step()`` must run."""
+    if not isinstance(optimizer, torch.optim.Optimizer):  # offload's streamed and host updates
+        return None
     plan = optimizer.__dict__.get("_xform_direct")
     if plan is _NOT_DIRECT:
         return None
