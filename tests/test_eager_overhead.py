@@ -109,3 +109,14 @@ def test_the_plain_step_installs_no_stack():
     state, _ = step(state, batch(8))
     assert primitives.handlers() == () and primitives._HANDLERS.get() is primitives._EMPTY
     assert primitives._EMPTY.chains == {}
+
+
+def test_import_xform_does_not_import_the_compiler():
+    """Catches a module-level ``torch.compiler.disable`` (or any dynamo import) on the import
+    path: it pulls in ``torch._dynamo`` and made ``import xform`` take ~1 s more."""
+    import subprocess
+    import sys
+
+    code = "import sys, xform; print(sorted(m for m in ('torch._dynamo', 'torch._inductor') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", f"import xform imported {out.strip()}"

@@ -161,7 +161,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         name="nonfinite_update_not_skipped",
         path="xform/core/state.py",
-        find="finite = not _host_bool(bad)",
+        find="finite = not bool(bad)",
         replace="finite = True",
         tests=("tests/test_nonfinite.py::test_a_nan_loss_is_skipped_in_every_precision",),
         bug="apply_gradients: a NaN gradient reaches the params (every param NaN for good)",

@@ -451,16 +451,19 @@ def _make_evolve() -> Callable[..., TrainState]:
     (it runs once per update). An unknown keyword is a ``TypeError``, as with evolve."""
     fields = attrs.fields(TrainState)
     params = ", ".join(f"{f.alias}=_KEEP" for f in fields)
+    # each slot written through its descriptor (what a frozen class's __init__ does, and what
+    # dynamo can trace: it maps object.__setattr__ to the class's, which raises)
     body = "\n".join(
-        f"    _set(new, {f.name!r}, self.{f.name} if {f.alias} is _KEEP else {f.alias})" for f in fields
+        f"    _slot_{f.name}(new, self.{f.name} if {f.alias} is _KEEP else {f.alias})" for f in fields
     )
     source = f"def _evolve(self, *, {params}):\n    new = _new(_cls)\n{body}\n    return new\n"
-    namespace = {"_KEEP": object(), "_new": object.__new__, "_cls": TrainState, "_set": object.__setattr__}
+    namespace = {"_KEEP": object(), "_new": object.__new__, "_cls": TrainState}
+    namespace.update({f"_slot_{f.name}": TrainState.__dict__[f.name].__set__ for f in fields})
     exec(compile(source, "<xform.core.state._evolve>", "exec"), namespace)  # noqa: S102 (our own fields)
     return namespace["_evolve"]
 
 
-_evolve = torch.compiler.disable(_make_evolve(), recursive=True)  # see _host_bool
+_evolve = _make_evolve()
 
 
 def _flatten(s: TrainState):
@@ -569,14 +572,6 @@ def _nonfinite(grads: list[torch.Tensor], scratch: dict[Any, Any]) -> torch.Tens
     return found
 
 
-# ``torch.compile(step)`` breaks the graph at the state's host bookkeeping (the host read of
-# whether to update, the frozen successor); disabled functions break it without dynamo's
-# "Tensor.item()" advice (0.3 us per call in eager). ``xf.jit`` traces without breaks.
-@torch.compiler.disable
-def _host_bool(flag: torch.Tensor) -> bool:
-    return bool(flag)
-
-
 def _found_clear(scratch: dict[Any, Any]) -> None:
     """Marks the non-finite flag as read 0 on the host: the next check needs no zeroing."""
     scratch[_NONFINITE].clear = True
@@ -597,7 +592,7 @@ def _update_base(state: TrainState, grads: dict[str, torch.Tensor]) -> TrainStat
     if sharded is not None:
         finite = sharded.agree(state, grads, bad)
     else:
-        finite = not _host_bool(bad)
+        finite = not bool(bad)
         if finite:
             _found_clear(rt.extras)
     counter = state._transforms.get(_NONFINITE)

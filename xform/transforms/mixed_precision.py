@@ -244,15 +244,21 @@ class _Handler(Handler):
                 out = next(state, params, args, kwargs)
         return _cast_floats(out, self.output)
 
-    def objective(self, loss: Mean, next):
-        objective = next(loss)
-        return objective if self.scale is None else objective * self.scale
-
     def apply_gradients(self, state, grads, count, next):
         self.calls += 1
         if self.calls > 1:
             raise RuntimeError(_TWICE)
         return next(state, grads, count)
+
+
+class _ScaledHandler(_Handler):
+    """The handler of a policy with a loss scale (fp16): it also scales the objective and
+    unscales before the update. A policy without one (bf16) has no ``objective`` or
+    ``update`` of its own, so those primitives skip it (see ``_Stack.chain``)."""
+
+    def objective(self, loss: Mean, next):
+        objective = next(loss)
+        return objective if self.scale is None else objective * self.scale
 
     def update(self, state: TrainState, grads, next):
         if self.scale is None:
@@ -329,6 +335,7 @@ def mixed_precision(
             "mixed_precision: this step is already wrapped in mixed_precision; apply one policy only"
         )
     scaled = not isinstance(loss_scale, NoOpLossScale)
+    kind = _ScaledHandler if scaled else _Handler
 
     def init(state: TrainState) -> TrainState:
         if policy.param_dtype != torch.float32:
@@ -349,7 +356,7 @@ def mixed_precision(
             if value is None:
                 raise ValueError(_NO_INIT)
             scale = value["scale"]
-        handler = free.pop() if free else _Handler(policy, loss_scale)  # atomic: a concurrent call makes its own
+        handler = free.pop() if free else kind(policy, loss_scale)  # atomic: a concurrent call makes its own
         handler.scale, handler.calls = scale, 0
         try:
             with installed(handler, reused=True):
