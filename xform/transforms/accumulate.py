@@ -46,24 +46,6 @@ class _Handler(Reducer):
     def at_last_piece(self) -> bool:
         return self.micro == self.pieces - 1
 
-    def value_and_grad(self, fn, params, has_aux, next):
-        if self.grads is None or self.micro != self.pieces - 1 or not self._outer_overlaps():
-            return next(fn, params, has_aux)
-        # An outer reducer communicates each gradient as autograd produces it: fold the
-        # sums of the earlier micro-batches into the gradients as they flow, so that what
-        # it sends is the whole batch's gradient (and it sends only once).
-        hooks = [grad_hook(params[k], functools.partial(_fold, acc)) for k, acc in zip(self.names, self.grads)]
-        self.folded = True
-        try:
-            return next(fn, params, has_aux)
-        finally:
-            for h in hooks:
-                h.remove()
-
-    def _outer_overlaps(self) -> bool:
-        stack = handlers()
-        return any(getattr(h, "overlaps", False) for h in stack[: stack.index(self)])
-
     def apply_gradients(self, state, grads, count, next):
         self.calls += 1
         if self.calls > 1:
@@ -82,6 +64,25 @@ class _Handler(Reducer):
         if self.micro < self.pieces - 1:
             return state
         return next(state, dict(zip(self.names, self.grads)), self.count)
+
+
+class _FoldingHandler(_Handler):
+    """The handler under an outer reducer that communicates each gradient as autograd
+    produces it (``shard``'s overlapping buckets): at the last micro-batch it folds the
+    sums of the earlier ones into the gradients as they flow, so that what the reducer sends
+    is the whole batch's gradient (and it sends only once). Without such a reducer the
+    plain handler has no ``value_and_grad`` of its own, and that primitive skips it."""
+
+    def value_and_grad(self, fn, params, has_aux, next):
+        if self.grads is None or self.micro != self.pieces - 1:
+            return next(fn, params, has_aux)
+        hooks = [grad_hook(params[k], functools.partial(_fold, acc)) for k, acc in zip(self.names, self.grads)]
+        self.folded = True
+        try:
+            return next(fn, params, has_aux)
+        finally:
+            for h in hooks:
+                h.remove()
 
 
 def _metrics_mismatch(metrics: list[Any]) -> ValueError | None:
@@ -163,11 +164,14 @@ def accumulate(step: Callable[..., Any], steps: int):
     if steps == 1:
         return step
 
-    free: list[_Handler] = []  # a handler not in use, reused by the next call (none while one runs)
+    # a handler not in use, reused by the next call (none while one runs); one pool per kind
+    pools: dict[type[_Handler], list[_Handler]] = {_Handler: [], _FoldingHandler: []}
 
     def call(state: TrainState, batch: Any):
         micro_batches = split_batch("accumulate", batch, steps)
-        handler = free.pop() if free else _Handler(steps)  # atomic: a concurrent call makes its own
+        kind = _FoldingHandler if any(h.overlaps for h in handlers() if h.reduces) else _Handler
+        free = pools[kind]
+        handler = free.pop() if free else kind(steps)  # atomic: a concurrent call makes its own
         try:
             return run(handler, state, micro_batches)
         finally:
