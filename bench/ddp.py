@@ -27,9 +27,10 @@ creates the optimizer state). DDP is not counted: its reducer calls c10d from C+
 
 ``--dims 64x101`` times a model of 100 small layers instead (200 parameter tensors, 0.4M
 params): there the cost per parameter tensor (xform's Python autograd hooks against DDP's
-C++ reducer) dominates the communication.
+C++ reducer) dominates the communication. ``--dims lenet --batch 4``: LeNet-5 on 28x28
+images, 4 per process: a step of little math, where the wrapper's own cost shows.
 
-Run: ``.venv/bin/python bench/ddp.py`` (``--rounds 20 --steps 10``; ``--dims``,
+Run: ``.venv/bin/python bench/ddp.py`` (``--rounds 20 --steps 10``; ``--dims``, ``--batch``,
 ``--buckets``, ``--ddp-buckets``, ``--accumulate 4``; ``--no-timing``, ``--no-counts``;
 ``--profile`` prints a cProfile of DDP's and xform's steps on rank 0). About a minute.
 ``--quick``: 3 rounds of 2 steps, to check that the script runs, not for figures.
@@ -58,21 +59,37 @@ COLLECTIVES = (
 )
 
 
-def mlp(dims: tuple[int, ...] = DIMS) -> torch.nn.Module:
+def mlp(dims: "tuple[int, ...] | str" = DIMS) -> torch.nn.Module:
     torch.manual_seed(0)
+    if dims == "lenet":
+        return lenet()
     layers: list[torch.nn.Module] = []
     for i, (a, b) in enumerate(zip(dims, dims[1:])):
         layers += [torch.nn.Linear(a, b)] + ([torch.nn.ReLU()] if i < len(dims) - 2 else [])
     return torch.nn.Sequential(*layers)
 
 
-def batch_for(rank: int, dims: tuple[int, ...] = DIMS, n: int = BATCH) -> tuple[torch.Tensor, torch.Tensor]:
+def lenet() -> torch.nn.Module:
+    """LeNet-5 on 28x28 images (61.7K params in 10 tensors): little math per parameter
+    tensor, so the per-step cost of the wrapper around it shows."""
+    nn = torch.nn
+    return nn.Sequential(
+        nn.Conv2d(1, 6, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(256, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10),
+    )
+
+
+def batch_for(rank: int, dims: "tuple[int, ...] | str" = DIMS, n: int = BATCH) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1000 + rank)
+    if dims == "lenet":
+        return torch.randn(n, 1, 28, 28, generator=g), torch.randn(n, 10, generator=g)
     return torch.randn(n, dims[0], generator=g), torch.randn(n, dims[-1], generator=g)
 
 
-def parse_dims(text: str) -> tuple[int, ...]:
-    """``"512,1024,1024,512"``, or ``"64x101"`` for 101 widths of 64 (100 layers)."""
+def parse_dims(text: str) -> "tuple[int, ...] | str":
+    """``"512,1024,1024,512"``, ``"64x101"`` for 101 widths of 64 (100 layers), or ``"lenet"``."""
+    if text == "lenet":
+        return text
     if "x" in text:
         width, count = text.split("x")
         return (int(width),) * int(count)
@@ -134,8 +151,8 @@ def _name(kind: str, mb: float | None) -> str:
     return f"{kind} " + ("default" if mb is None else f"{mb:g} MB")
 
 
-def time_worker(rounds: int, steps: int, warmup: int, variants: list[tuple[str, float | None]], dims) -> dict:
-    batch = batch_for(dist.get_rank(), dims)
+def time_worker(rounds: int, steps: int, warmup: int, variants: list[tuple[str, float | None]], dims, n: int) -> dict:
+    batch = batch_for(dist.get_rank(), dims, n)
     runners = {_name(kind, mb): (_ddp_runner if kind == "ddp" else _xform_runner)(mb, dims) for kind, mb in variants}
     for run, _, _ in runners.values():
         for _ in range(warmup):
@@ -248,8 +265,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument(
         "--dims", default=",".join(map(str, DIMS)),
-        help="MLP widths for the timing, or WxN for N widths of W: 64x101 (200 small tensors) shows per-parameter costs",
+        help="MLP widths for the timing, or WxN for N widths of W: 64x101 (200 small tensors) shows per-parameter "
+        "costs; or lenet (LeNet-5 on 28x28 images, e.g. with --batch 4)",
     )
+    parser.add_argument("--batch", type=int, default=BATCH, help="batch per process for the timing")
     parser.add_argument("--ddp-buckets", default="default,2", help="DDP bucket_cap_mb values ('default': DDP's own)")
     parser.add_argument("--buckets", default="25,2", help="xform Replicate(bucket_mb=...) values")
     parser.add_argument("--accumulate", type=int, default=4, help="k for the collective counts")
@@ -271,16 +290,17 @@ def main() -> None:
         if not args.no_timing:
             variants = [("ddp", _mb(b)) for b in args.ddp_buckets.split(",")]
             variants += [("xform", _mb(b)) for b in args.buckets.split(",")]
+            n_tensors = len(list(mlp(dims).parameters()))
             print(
-                f"MLP {args.dims} ({n_params / 1e6:.2f}M params in {2 * (len(dims) - 1)} tensors, "
-                f"{n_params * 4 / 2**20:.1f} MiB of fp32 grads), "
-                f"batch {BATCH}/process, AdamW foreach, 2 gloo processes x 1 thread"
+                f"{'LeNet-5' if dims == 'lenet' else 'MLP ' + args.dims} ({n_params / 1e6:.2f}M params in {n_tensors} "
+                f"tensors, {n_params * 4 / 2**20:.1f} MiB of fp32 grads), "
+                f"batch {args.batch}/process, AdamW foreach, 2 gloo processes x 1 thread"
             )
             print(
                 f"{args.rounds} interleaved rounds x {args.steps} steps after {args.warmup} warm-up steps; "
                 "per-round ms/step of the slower rank"
             )
-            res = pool.run(time_worker, args.rounds, args.steps, args.warmup, variants, dims)
+            res = pool.run(time_worker, args.rounds, args.steps, args.warmup, variants, dims, args.batch)
             names = list(res[0]["times"])
             per_round = {n: [max(r["times"][n][i] for r in res) for i in range(args.rounds)] for n in names}
             ref = names[0]
