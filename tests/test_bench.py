@@ -41,6 +41,25 @@ def test_overhead_prints_both_twins_with_spread():
     assert re.search(r"import torch \d.*import xform \d", "\n".join(lines))
 
 
+def test_overhead_prints_added_microseconds_per_step_and_micro_batch():
+    """Catches: the added-cost lines the issue asks for lost or printed for one twin only."""
+    lines = table(run_quick("overhead.py"), "added microseconds")
+    text = "\n".join(lines)
+    for variant in ("step", "mixed_precision(bf16)", "accumulate(2)"):
+        assert re.search(rf"^per step: {re.escape(variant)}\s+[+-]{NUM}\s+[+-]{NUM}$", text, re.M), (variant, text)
+    assert len(re.findall(rf"^per extra micro-batch: .*\s+[+-]{NUM}\s+[+-]{NUM}$", text, re.M)) == 2, text
+
+
+def test_malloc_prints_both_runners_under_both_allocators():
+    """Catches: a cell missing, or the 'steady' cells run without the tunables (their
+    processes must get STEADY_MALLOC, which the closing line names)."""
+    out = run_quick("malloc.py")
+    for label in ("default", "steady"):
+        for runner in ("hand", "xform"):
+            assert re.search(rf"^{label}\s+{runner}\s+{SPREAD}\s+\d+$", out, re.M), (label, runner, out)
+    assert "steady: GLIBC_TUNABLES=glibc.malloc.trim_threshold=" in out
+
+
 def test_ddp_prints_paired_ratio_quartiles_and_collective_counts():
     """Catches: ratios without their spread; the per-micro-batch collective counts lost."""
     lines = table(run_quick("ddp.py"), "ddp: summary")

@@ -252,4 +252,21 @@ MUTATIONS: tuple[Mutation, ...] = (
         tests=("tests/test_deepspeed.py::test_config_is_generated_from_the_transforms",),
         bug="xf.DeepSpeed under accumulate(k): the engine steps after every micro-batch instead of every k",
     ),
+    Mutation(
+        name="direct_update_drops_adamw_decoupled_decay",
+        path="xform/core/optim.py",
+        find='decoupled_weight_decay=group["decoupled_weight_decay"]',
+        replace="decoupled_weight_decay=False",
+        tests=("tests/test_optim_direct.py::test_direct_update_is_optimizer_step_bit_for_bit[adamw]",),
+        bug="AdamW through the direct update runs as Adam with L2 decay (AdamW is Adam with a flag in torch): "
+        "from the second step on, weight decay enters the moments",
+    ),
+    Mutation(
+        name="direct_update_reads_the_schedule_once",
+        path="xform/core/optim.py",
+        find='lr=group["lr"], dampening=group["dampening"]',
+        replace='lr=0.1, dampening=group["dampening"]',  # the schedule's first value, kept
+        tests=("tests/test_optim_direct.py::test_direct_update_reads_the_schedule_and_clipping_each_step",),
+        bug="SGD through the direct update keeps the learning rate of its first update: the schedule stops",
+    ),
 )

@@ -43,9 +43,10 @@ TIMEOUT_ENV = "XFORM_TIMEOUT"  # read by xf.distributed.initialize
 # after large frees) is free at the heap's top, and serves allocations above 128 KB from
 # mmap. A CPU training step frees and allocates the same large buffers (activations,
 # gradients) every step, so by default their pages are unmapped and faulted in again each
-# step: on the GPT of bench/compile.py, ~4,800 page faults and 40 ms per step against 0
-# and 31 ms with these settings, for the hand-written loop and xform alike (one process
-# each). The cost: the heap keeps its peak size (as the CUDA caching allocator does).
+# step: on the GPT of bench/compile.py, 4,300-5,500 page faults and 39-42 ms per step against
+# none and 29-31 ms with these settings, for the hand-written loop and xform alike, one process
+# each (bench/malloc.py). The cost: the heap keeps its peak size (as the CUDA caching
+# allocator does).
 STEADY_MALLOC = "glibc.malloc.trim_threshold=4294967295:glibc.malloc.mmap_threshold=33554432"
 
 
