@@ -37,6 +37,19 @@ def nan(seed=0):
     return {**batch(seed=seed), "mult": torch.tensor(math.nan)}
 
 
+def assert_same_step(i, state, metrics, eager, eager_metrics):
+    """Step ``i`` of a compiled run equals the eager run's bit for bit: step and data
+    position, skip counters, loss (NaN alike), params, optimizer state."""
+    assert state.step == eager.step and state.data == eager.data, i
+    assert state.transforms["nonfinite"] == eager.transforms["nonfinite"], i
+    assert torch.equal(metrics["loss"], eager_metrics["loss"]) or (
+        math.isnan(float(metrics["loss"])) and math.isnan(float(eager_metrics["loss"]))
+    ), i
+    for k in state.params:
+        assert torch.equal(state.params[k], eager.params[k]), (i, k)
+    assert_states_close(state.opt_state, eager.opt_state, rtol=0, atol=0)
+
+
 VARIANTS = {
     "plain": lambda s: s,
     "bf16": lambda s: xf.mixed_precision(s, "bf16"),
@@ -64,14 +77,7 @@ def test_jitted_step_equals_the_eager_step_bit_for_bit(variant):
     for i, b in enumerate(batches):
         state, metrics = fast(state, b)
         eager, eager_metrics = wrapped(eager, b)
-        assert state.step == eager.step and state.data == eager.data, i
-        assert state.transforms["nonfinite"] == eager.transforms["nonfinite"], i
-        assert torch.equal(metrics["loss"], eager_metrics["loss"]) or (
-            math.isnan(float(metrics["loss"])) and math.isnan(float(eager_metrics["loss"]))
-        ), i
-        for k in state.params:
-            assert torch.equal(state.params[k], eager.params[k]), (i, k)
-        assert_states_close(state.opt_state, eager.opt_state, rtol=0, atol=0)
+        assert_same_step(i, state, metrics, eager, eager_metrics)
     assert state.transforms["nonfinite"] == {"skipped": 1, "consecutive": 0}
     assert fast.compilations == 1 and backend.graphs == 1  # the first step runs eagerly, then one graph
 
@@ -96,13 +102,7 @@ def test_torch_compile_of_a_step_runs_and_equals_the_eager_step(variant):
         state, metrics = compiled(state, b)
         eager, eager_metrics = wrapped(eager, b)
         graphs.append(backend.graphs)
-        assert state.step == eager.step and state.data == eager.data, i
-        assert torch.equal(metrics["loss"], eager_metrics["loss"]) or (
-            math.isnan(float(metrics["loss"])) and math.isnan(float(eager_metrics["loss"]))
-        ), i
-        for k in state.params:
-            assert torch.equal(state.params[k], eager.params[k]), (i, k)
-        assert_states_close(state.opt_state, eager.opt_state, rtol=0, atol=0)
+        assert_same_step(i, state, metrics, eager, eager_metrics)
     assert state.transforms["nonfinite"] == eager.transforms["nonfinite"] == {"skipped": 1, "consecutive": 0}
     assert graphs[0] > 0, "torch.compile compiled no graph: the step ran eagerly"
     # new graphs only for new paths: the first update (it creates the optimizer state), the
