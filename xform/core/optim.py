@@ -183,8 +183,12 @@ class _DirectUpdate:
 
 def _kinds() -> dict[Any, str]:
     """The ``step`` functions whose functional update ``_DirectUpdate`` calls, where this
-    torch's functional takes the arguments it passes (else none: ``step()`` always runs)."""
-    want = {
+    torch's functional takes exactly the arguments it passes (else none: ``step()`` runs)."""
+    lists = {
+        "adam": {"params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps"},
+        "sgd": {"params", "d_p_list", "momentum_buffer_list"},
+    }
+    options = {
         "adam": {"amsgrad", "has_complex", "beta1", "beta2", "lr", "weight_decay", "eps", "maximize", "foreach",
                  "capturable", "differentiable", "fused", "grad_scale", "found_inf", "decoupled_weight_decay"},
         "sgd": {"weight_decay", "momentum", "lr", "dampening", "nesterov", "maximize", "has_sparse_grad",
@@ -196,7 +200,7 @@ def _kinds() -> dict[Any, str]:
             names = set(inspect.signature(fn).parameters)
         except (TypeError, ValueError):
             continue
-        if want[kind] <= names and len(names - want[kind]) == {"adam": 6, "sgd": 3}[kind]:  # + the positional lists
+        if names == lists[kind] | options[kind]:
             out[inspect.unwrap(cls.step)] = kind
     return out
 
