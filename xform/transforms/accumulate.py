@@ -320,19 +320,28 @@ def _batch_size(api: str, paths, leaves, kinds, k: int) -> int:
 def _split_flat(batch: Any, k: int) -> list[Any] | None:
     """The common batch, a dict, tuple or list of tensors of one divisible size, split
     without the pytree machinery; None for anything else (the general path)."""
-    if type(batch) not in (dict, tuple, list) or not batch:
+    kind = type(batch)
+    if kind is dict:
+        tensors = list(batch.values())
+    elif kind is tuple or kind is list:
+        tensors = batch
+    else:
         return None
-    tensors = list(batch.values()) if type(batch) is dict else list(batch)
-    if not all(type(t) is torch.Tensor and t.dim() > 0 for t in tensors):
+    n = -1
+    for t in tensors:
+        if type(t) is not torch.Tensor or t.dim() == 0:
+            return None
+        if n < 0:
+            n = t.size(0)
+        elif t.size(0) != n:
+            return None
+    if n <= 0 or n % k:  # also an empty batch (n < 0)
         return None
-    n = tensors[0].shape[0]
-    if n == 0 or n % k or any(t.shape[0] != n for t in tensors):
-        return None
-    pieces = [t.chunk(k) for t in tensors]  # k equal views (n divisible by k): chunk is split without its Python
-    if type(batch) is dict:
+    pieces = zip(*[t.chunk(k) for t in tensors])  # k equal views (n divisible by k): chunk is split without its Python
+    if kind is dict:
         keys = list(batch)
-        return [dict(zip(keys, [p[i] for p in pieces])) for i in range(k)]
-    return [type(batch)([p[i] for p in pieces]) for i in range(k)]
+        return [dict(zip(keys, p)) for p in pieces]
+    return list(pieces) if kind is tuple else [list(p) for p in pieces]
 
 
 def combine_metrics(metrics: list[Any]) -> Any:
@@ -359,12 +368,40 @@ def combine_metrics(metrics: list[Any]) -> Any:
         return xs[-1]
 
     first = metrics[0]
+    fast = _combine_tensor_dicts(metrics)
+    if fast is not None:
+        return fast
     if (
         type(first) is dict
         and all(type(v) is torch.Tensor or type(v) is Mean for v in first.values())
         and all(type(m) is dict and m.keys() == first.keys() for m in metrics)
     ):
-        return {key: combine(*(m[key] for m in metrics)) for key in first}  # the common case, directly
+        return {key: combine(*(m[key] for m in metrics)) for key in first}  # dicts of tensors and Means
     return optree.tree_map(
         combine, first, *metrics[1:], is_leaf=lambda x: isinstance(x, Mean), namespace=tree.NAMESPACE
     )
+
+
+def _combine_tensor_dicts(metrics: list[Any]) -> dict[str, torch.Tensor] | None:
+    """``combine_metrics`` of the most common metrics, dicts with the same keys of floating
+    tensors that need no grad (``value_and_grad``'s losses): their means, as the general
+    path computes them (summed in order, divided by the count); None for anything else."""
+    first = metrics[0]
+    if type(first) is not dict:
+        return None
+    keys = first.keys()
+    for m in metrics:
+        if type(m) is not dict or m.keys() != keys:
+            return None
+    out = {}
+    for key, x in first.items():
+        if type(x) is not torch.Tensor or x.requires_grad or not x.is_floating_point():
+            return None
+        total = x
+        for m in metrics[1:]:
+            t = m[key]
+            if type(t) is not torch.Tensor or t.requires_grad:
+                return None
+            total = total + t
+        out[key] = total / len(metrics)
+    return out
