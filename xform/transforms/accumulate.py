@@ -368,40 +368,12 @@ def combine_metrics(metrics: list[Any]) -> Any:
         return xs[-1]
 
     first = metrics[0]
-    fast = _combine_tensor_dicts(metrics)
-    if fast is not None:
-        return fast
     if (
         type(first) is dict
         and all(type(v) is torch.Tensor or type(v) is Mean for v in first.values())
         and all(type(m) is dict and m.keys() == first.keys() for m in metrics)
     ):
-        return {key: combine(*(m[key] for m in metrics)) for key in first}  # dicts of tensors and Means
+        return {key: combine(*(m[key] for m in metrics)) for key in first}  # the common case, directly
     return optree.tree_map(
         combine, first, *metrics[1:], is_leaf=lambda x: isinstance(x, Mean), namespace=tree.NAMESPACE
     )
-
-
-def _combine_tensor_dicts(metrics: list[Any]) -> dict[str, torch.Tensor] | None:
-    """``combine_metrics`` of the most common metrics, dicts with the same keys of floating
-    tensors that need no grad (``value_and_grad``'s losses): their means, as the general
-    path computes them (summed in order, divided by the count); None for anything else."""
-    first = metrics[0]
-    if type(first) is not dict:
-        return None
-    keys = first.keys()
-    for m in metrics:
-        if type(m) is not dict or m.keys() != keys:
-            return None
-    out = {}
-    for key, x in first.items():
-        if type(x) is not torch.Tensor or x.requires_grad or not x.is_floating_point():
-            return None
-        total = x
-        for m in metrics[1:]:
-            t = m[key]
-            if type(t) is not torch.Tensor or t.requires_grad:
-                return None
-            total = total + t
-        out[key] = total / len(metrics)
-    return out
