@@ -8,7 +8,7 @@ import xform as xf
 from xform.transforms.accumulate import combine_metrics, split_batch
 from xform.testing import assert_accumulate_equivalent, assert_states_close
 
-from _util import batch, make_state, step, token_step
+from _util import batch, make_state, mlp, step, token_step
 
 
 def token_batch():
@@ -191,3 +191,88 @@ def test_grads_must_come_from_value_and_grad():
     assert by_hand(make_state(), batch())[0].step == 1  # fine without a reducing transform
     with pytest.raises(RuntimeError, match="apply_gradients: no xf.value_and_grad call preceded it inside this transform"):
         xf.accumulate(by_hand, 2)(make_state(), batch())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_gradient_is_bitwise_that_of_the_loss_divided_by_the_micro_batches(dtype):
+    """A plain mean loss under accumulate is differentiated from 1/k instead of through
+    ``loss / k`` (one op and one backward node less per micro-batch). Catches a start
+    of another value than the division's (a division lost or applied twice, as the
+    seeded mutations of the start show): the weights equal, bit for bit, those of the
+    hand loop that divides the loss, over 3 updates of SGD (no Adam normalization
+    hiding a scale) with k = 3 (not a power of two: rounding shows)."""
+    k = 3
+    xs = [batch(6, seed=s) for s in range(3)]
+    model = mlp()
+    params = list(model.parameters())
+    opt = torch.optim.SGD(params, lr=0.5)
+    for b in xs:
+        grads = None
+        for x, y in zip(b["x"].chunk(k), b["y"].chunk(k)):
+            with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+                loss = F.cross_entropy(model(x).float(), y)
+            g = torch.autograd.grad(loss / k, params)
+            grads = list(g) if grads is None else [a + c for a, c in zip(grads, g)]
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt.step()
+    policy = "fp32" if dtype == torch.float32 else "bf16"
+    run = xf.accumulate(xf.mixed_precision(step, policy), k)
+    state = run.init(xf.TrainState.create(mlp(), optimizer=torch.optim.SGD, lr=0.5))
+    for b in xs:
+        state, _ = run(state, b)
+    for name, p in model.named_parameters():
+        assert torch.equal(state.params[name], p.detach()), name
+
+
+def _sgd_state(w: float) -> xf.TrainState:
+    module = torch.nn.Module()
+    module.w = torch.nn.Parameter(torch.tensor(w))
+    return xf.TrainState.create(module, optimizer=torch.optim.SGD, lr=1.0)
+
+
+def test_a_loss_that_is_a_parameter_itself_accumulates_right_on_every_call():
+    """A leaf loss is differentiated from a fresh start, never the shared one: torch's
+    ``autograd.grad`` hands the start back as the leaf's gradient when called without
+    ``allow_unused`` (with it, as xform calls it, torch 2.13 returns a copy), and
+    accumulate adds the next micro-batch into the gradient it adopted. Gradient of w is
+    1 per update, so w drops by 1 per call."""
+
+    def leaf_step(state, b):
+        loss, grads = xf.value_and_grad(lambda p: p["w"])(state.params)
+        return state.apply_gradients(grads), {"loss": loss}
+
+    run = xf.accumulate(leaf_step, 2)
+    state = _sgd_state(5.0)
+    for _ in range(3):
+        state, _ = run(state, torch.zeros(4, 1))
+    assert float(state.params["w"].detach()) == 2.0
+
+
+class _DoublesInPlace(torch.autograd.Function):
+    """Identity forward; its backward doubles the incoming gradient in place."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.mul_(2)
+
+
+def test_a_backward_that_writes_into_its_incoming_gradient_does_not_leak_into_the_next_micro_batch():
+    """Catches a reused backward start that a custom backward wrote into: the next
+    micro-batch (and call) would start from the written value. Each micro-batch's
+    gradient of 3*w is doubled: 6 per update, with 2 micro-batches as with one."""
+
+    def doubling_step(state, b):
+        loss, grads = xf.value_and_grad(lambda p: _DoublesInPlace.apply(p["w"] * 3.0))(state.params)
+        return state.apply_gradients(grads), {}
+
+    whole = _sgd_state(0.0)
+    acc, run = _sgd_state(0.0), xf.accumulate(doubling_step, 2)
+    for _ in range(3):
+        whole, _ = doubling_step(whole, torch.zeros(4, 1))
+        acc, _ = run(acc, torch.zeros(4, 1))
+    assert float(whole.params["w"]) == -18.0 and float(acc.params["w"]) == -18.0

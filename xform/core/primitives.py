@@ -88,7 +88,7 @@ class Reducer(Handler):
 
     def __init__(self) -> None:
         self.pending: Any = None  # count recorded by value_and_grad, not yet passed on
-        self.memo: dict[Any, fractions.Fraction] = {}  # exact counts by their terms (a Fraction is slow to build)
+        self.memo: dict[Any, Any] = {}  # exact counts by their terms (a Fraction is slow to build), backward seeds
 
     def at_last_piece(self) -> bool:
         """Whether the gradient being computed is this reducer's last piece."""
@@ -528,12 +528,13 @@ def _value_and_grad_base(fn, params, has_aux):
     else:
         loss, aux = out, None
     stack = _HANDLERS.get()
+    seed = None  # the gradient the backward pass starts from: None for 1, else 1/pieces (see _piece_seed)
     if type(loss) is torch.Tensor and (
         not stack.handlers or stack.chain("objective", _objective_base) is _objective_base
     ):  # a scalar mean loss that no handler rescales: _objective_base's plain-mean case, without the Mean
         objective = _check_scalar(loss)
         if stack.reducers:
-            objective = _per_piece(objective, stack.reducers)
+            seed = _piece_seed(objective, stack.reducers)
     else:
         mean = loss if isinstance(loss, Mean) else Mean(_check_scalar(loss), 1)
         _check_scalar(mean.total)
@@ -546,17 +547,19 @@ def _value_and_grad_base(fn, params, has_aux):
         )
     try:
         if stack.uses_backward:
-            objective.backward()
+            objective.backward(seed)
             found = []
             for k in names:
                 found.append(params[k].grad)
                 params[k].grad = None
         else:
-            found = torch.autograd.grad(objective, [params[k] for k in names], allow_unused=True)
+            found = torch.autograd.grad(objective, [params[k] for k in names], seed, allow_unused=True)
     except RuntimeError:
         if objective.requires_grad:
             raise
         raise ValueError(_NO_GRAD_FN_ERROR) from None
+    if seed is not None and seed._version:  # a custom backward wrote into it: not reused
+        _forget_seed(stack.reducers[-1].memo, seed)
     grads = {k: (g if g is not None else _unused_grad(params[k])) for k, g in zip(names, found)}
     value = loss.detach() if isinstance(loss, (Mean, torch.Tensor)) else loss
     return ((value, aux) if has_aux else value), grads
@@ -584,6 +587,39 @@ def _per_piece(total: torch.Tensor, reducers: tuple[Reducer, ...]) -> torch.Tens
         unit = memo[pieces] = fractions.Fraction(1, pieces)
     reducers[-1].pending = unit
     return total if pieces == 1 else total / pieces
+
+
+def _piece_seed(loss: torch.Tensor, reducers: tuple[Reducer, ...]) -> torch.Tensor | None:
+    """``_per_piece`` for the scalar loss differentiated directly: the division by the
+    number of pieces moved into the gradient the backward pass starts from. The
+    gradients are bitwise those of ``loss / pieces`` (whose backward starts from
+    ``ones / pieces``, computed by the same kernel), without the division's forward op
+    and backward node. None when there is one piece (the plain start, ones)."""
+    pieces = 1
+    for h in reducers:
+        pieces *= h.pieces
+    memo = reducers[-1].memo
+    unit = memo.get(pieces)
+    if unit is None:
+        unit = memo[pieces] = fractions.Fraction(1, pieces)
+    reducers[-1].pending = unit
+    if pieces == 1:
+        return None
+    if loss.grad_fn is None or torch.compiler.is_compiling():
+        # a leaf loss gets the start back as its gradient, and a tensor made while tracing
+        # must not outlive the trace: a fresh one
+        return torch.ones_like(loss) / pieces
+    key = (pieces, loss.dtype, loss.device)
+    seed = memo.get(key)
+    if seed is None:
+        seed = memo[key] = torch.ones((), dtype=loss.dtype, device=loss.device) / pieces
+    return seed
+
+
+def _forget_seed(memo: dict[Any, Any], seed: torch.Tensor) -> None:
+    for key, value in list(memo.items()):
+        if value is seed:
+            del memo[key]
 
 
 def _is_one(count: Any) -> bool:
