@@ -276,3 +276,17 @@ def test_a_backward_that_writes_into_its_incoming_gradient_does_not_leak_into_th
         whole, _ = doubling_step(whole, torch.zeros(4, 1))
         acc, _ = run(acc, torch.zeros(4, 1))
     assert float(whole.params["w"]) == -18.0 and float(acc.params["w"]) == -18.0
+
+
+def test_a_loss_of_one_element_but_not_zero_dimensions_accumulates():
+    """A loss of shape (1,) (``_check_scalar`` takes any one-element tensor): the
+    gradient the backward pass starts from has the loss's shape, or autograd refuses it."""
+
+    def shaped_step(state, b):
+        def loss_fn(p):
+            return F.cross_entropy(xf.apply(state, p, b["x"]), b["y"]).reshape(1)
+
+        loss, grads = xf.value_and_grad(loss_fn)(state.params)
+        return state.apply_gradients(grads), {"loss": loss}
+
+    assert_accumulate_equivalent(shaped_step, make_state, batch(8), 2)

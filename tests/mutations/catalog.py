@@ -111,11 +111,20 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         name="plain_mean_loss_not_divided_by_the_number_of_pieces",
         path="xform/core/primitives.py",
+        find="seed = memo[key] = torch.ones_like(loss) / pieces",
+        replace="seed = memo[key] = torch.ones_like(loss)",
+        tests=(f"{ACC}::test_accumulate_with_sgd_equals_the_full_batch_step",),
+        bug="accumulate/shard: a plain mean loss is summed over micro-batches (its backward starts "
+        "from 1, not 1/k), k times too large a gradient (AdamW hides it)",
+    ),
+    Mutation(
+        name="scaled_mean_loss_not_divided_by_the_number_of_pieces",
+        path="xform/core/primitives.py",
         find="return total if pieces == 1 else total / pieces",
         replace="return total",
-        tests=(f"{ACC}::test_accumulate_with_sgd_equals_the_full_batch_step",),
-        bug="accumulate/shard: a plain mean loss is summed over micro-batches, k times too large "
-        "a gradient (AdamW hides it)",
+        tests=(f"{MP}::test_fp32_compute_with_a_power_of_two_loss_scale_is_bit_exact",),
+        bug="accumulate/shard under a loss scale: the plain mean loss that a handler rescales is "
+        "summed over micro-batches, k times too large a gradient",
     ),
     Mutation(
         name="micro_batch_metrics_summed_not_averaged",
