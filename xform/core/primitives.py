@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Handler", "Reducer", "apply", "value_and_grad", "installed", "dispatch", "rng_salt", "rng_guard", "grad_hook",
+    "overlapping",
     "Trace", "tracing",
 ]
 
@@ -118,7 +119,7 @@ class _Stack:
     The chains are built on a primitive's first dispatch under this stack and reused by
     every later one (each micro-batch of ``accumulate``): no per-call allocation."""
 
-    __slots__ = ("handlers", "chains", "reducers", "uses_backward", "kept")
+    __slots__ = ("handlers", "chains", "reducers", "uses_backward", "overlaps", "kept")
 
     def __init__(self, handlers: tuple[Handler, ...], kept: bool = False):
         self.handlers = handlers
@@ -126,6 +127,7 @@ class _Stack:
         self.chains: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {}  # name -> (base, entry)
         self.reducers = tuple(h for h in handlers if h.reduces)
         self.uses_backward = any(h.uses_backward for h in handlers)
+        self.overlaps = any(h.overlaps for h in self.reducers)  # a reducer communicates each gradient
 
     def chain(self, name: str, base: Callable[..., Any]) -> Callable[..., Any]:
         """What ``dispatch`` calls: the innermost overriding handler's method linked to
@@ -204,6 +206,12 @@ class installed:
 def handlers() -> tuple[Handler, ...]:
     """The installed handlers, outermost first."""
     return _HANDLERS.get().handlers
+
+
+def overlapping() -> bool:
+    """Whether an installed reducer takes each gradient as autograd produces it
+    (``Reducer.overlaps``: shard's communication hooks)."""
+    return _HANDLERS.get().overlaps
 
 
 def dispatch(name: str, base: Callable[..., Any], *args: Any) -> Any:
@@ -544,7 +552,11 @@ def _value_and_grad_base(fn, params, has_aux):
         mean = loss if isinstance(loss, Mean) else Mean(_check_scalar(loss), 1)
         _check_scalar(mean.total)
         objective = dispatch("objective", _objective_base, mean)
-    names = [k for k, p in params.items() if p.requires_grad]
+    names, inputs = [], []
+    for k, p in params.items():
+        if p.requires_grad:
+            names.append(k)
+            inputs.append(p)
     if not names:
         raise ValueError(
             f"xf.value_and_grad: none of the {len(params)} params requires grad (e.g. {next(iter(params), '')!r}); "
@@ -558,7 +570,7 @@ def _value_and_grad_base(fn, params, has_aux):
                 found.append(params[k].grad)
                 params[k].grad = None
         else:
-            found = _grad(objective, tuple([params[k] for k in names]), seed)
+            found = _grad(objective, tuple(inputs), seed)
     except RuntimeError:
         if objective.requires_grad:
             raise

@@ -17,7 +17,7 @@ import torch
 
 from xform import tree
 from xform.core.mean import Mean
-from xform.core.primitives import Reducer, grad_hook, handlers, installed, rng_guard, rng_salt
+from xform.core.primitives import Reducer, grad_hook, installed, overlapping, rng_guard, rng_salt
 from xform.core.state import TrainState
 from xform.core.transform import check_result, check_step, wrap
 
@@ -114,10 +114,12 @@ def _add_counts(a: Any, b: Any, memo: dict[Any, fractions.Fraction]) -> Any:
     if type(a) is int and a == 0:  # the first micro-batch
         return b
     if type(a) is fractions.Fraction and type(b) is fractions.Fraction:  # plain mean losses: memoized sums
-        total = memo.get((a, b))
-        if total is None:
-            total = memo[(a, b)] = a + b
-        return total
+        # keyed by identity (hashing a Fraction runs Python code): the entry holds both
+        # terms, so neither id is reused while it exists
+        hit = memo.get((id(a), id(b)))
+        if hit is None or hit[0] is not a or hit[1] is not b:
+            hit = memo[(id(a), id(b))] = (a, b, a + b)
+        return hit[2]
     if isinstance(a, fractions.Fraction) != isinstance(b, fractions.Fraction):
         raise ValueError(
             "accumulate: some micro-batches returned a plain loss and others an xf.Mean; "
@@ -169,7 +171,7 @@ def accumulate(step: Callable[..., Any], steps: int):
 
     def call(state: TrainState, batch: Any):
         micro_batches = split_batch("accumulate", batch, steps)
-        kind = _FoldingHandler if any(h.overlaps for h in handlers() if h.reduces) else _Handler
+        kind = _FoldingHandler if overlapping() else _Handler
         free = pools[kind]
         handler = free.pop() if free else kind(steps)  # atomic: a concurrent call makes its own
         try:
