@@ -84,8 +84,9 @@ class Reducer(Handler):
     travels with the gradient (``apply_gradients``'s ``count``), each reducer sums both,
     and the update divides once by the total count: uneven pieces give exactly the
     full-batch gradient. A plain scalar loss counts as a mean over its piece; then the
-    total number of pieces is known in advance, the objective is divided by it up
-    front (as a hand-written loop does) and the counts are exact fractions summing to 1.
+    total number of pieces is known in advance, the gradient is divided by it up front
+    (the backward starts from 1/pieces: the gradients of a hand-written loop's
+    ``loss / pieces``, bit for bit) and the counts are exact fractions summing to 1.
     """
 
     reduces = True
