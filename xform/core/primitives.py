@@ -606,9 +606,9 @@ def _objective_base(mean: Mean) -> torch.Tensor:
     return mean.total
 
 
-def _per_piece(total: torch.Tensor, reducers: tuple[Reducer, ...]) -> torch.Tensor:
-    """A plain mean loss under reducers: normalized by the number of pieces now, its
-    count (the fraction of the batch it stands for) recorded for ``apply_gradients``."""
+def _pieces(reducers: tuple[Reducer, ...]) -> int:
+    """The number of pieces a plain mean loss stands for one of; its count (the fraction
+    of the batch, exact) recorded for ``apply_gradients``."""
     pieces = 1
     for h in reducers:
         pieces *= h.pieces
@@ -617,6 +617,12 @@ def _per_piece(total: torch.Tensor, reducers: tuple[Reducer, ...]) -> torch.Tens
     if unit is None:
         unit = memo[pieces] = fractions.Fraction(1, pieces)
     reducers[-1].pending = unit
+    return pieces
+
+
+def _per_piece(total: torch.Tensor, reducers: tuple[Reducer, ...]) -> torch.Tensor:
+    """A plain mean loss under reducers, normalized by the number of pieces now."""
+    pieces = _pieces(reducers)
     return total if pieces == 1 else total / pieces
 
 
@@ -626,20 +632,14 @@ def _piece_seed(loss: torch.Tensor, reducers: tuple[Reducer, ...]) -> torch.Tens
     gradients are bitwise those of ``loss / pieces`` (whose backward starts from
     ``ones / pieces``, computed by the same kernel), without the division's forward op
     and backward node. None when there is one piece (the plain start, ones)."""
-    pieces = 1
-    for h in reducers:
-        pieces *= h.pieces
-    memo = reducers[-1].memo
-    unit = memo.get(pieces)
-    if unit is None:
-        unit = memo[pieces] = fractions.Fraction(1, pieces)
-    reducers[-1].pending = unit
+    pieces = _pieces(reducers)
     if pieces == 1:
         return None
     if loss.grad_fn is None or torch.compiler.is_compiling():
         # a leaf loss gets the start back as its gradient, and a tensor made while tracing
         # must not outlive the trace: a fresh one
         return torch.ones_like(loss) / pieces
+    memo = reducers[-1].memo
     key = (pieces, loss.dtype, loss.device, loss.shape)
     seed = memo.get(key)
     if seed is None:
