@@ -8,9 +8,10 @@ xform variant is timed beside two hand-written twins that compute what its step 
   the loop most training scripts write.
 - ``autograd.grad``: ``torch.autograd.grad(loss, params)``, the gradients set as
   ``p.grad``, ``opt.step()``: the same math without ``zero_grad`` and without
-  accumulating into ``.grad`` (reported 5-10% faster than ``backward()`` on a quiet
-  machine; the table shows it per variant). The ratio to the faster twin is what xform's
-  step costs against what the same math can cost.
+  accumulating into ``.grad`` (within a few percent of ``backward()`` here, faster on
+  one step, slower with micro-batches, where ``backward()`` adds each micro-batch's
+  gradient inside the backward pass; the table shows both). The ratio to the faster
+  twin is what xform's step costs against what the same math can cost.
 
 Method: all three runners of a variant start from the same weights and see the same
 batch. After a warm-up of each, they run in interleaved rounds of ``--steps`` steps, the
