@@ -1,7 +1,8 @@
 """The suite can fail: every realistic bug in ``tests/mutations/catalog.py`` is caught.
 
 For each mutation (one test each) the repository is copied to a temporary directory
-(without ``.git`` and ``.venv``), the mutation's snippet is replaced in the copy, and the
+(the files git tracks or would add: no ``.git``, virtual environment or run output), the
+mutation's snippet is replaced in the copy, and the
 mutation's tests run there in a fresh ``python -m pytest -x``, with the copy first on
 ``PYTHONPATH`` and the ``mutation`` hypothesis profile (the CI examples, no shrinking). The
 test passes only if those tests FAIL: the mutation is killed. A
@@ -46,15 +47,38 @@ def _load_catalog():
 catalog = _load_catalog()
 MUTATIONS = {m.name: m for m in catalog.MUTATIONS}
 
-_SKIP = shutil.ignore_patterns(
-    ".git", ".venv", "__pycache__", ".hypothesis", ".pytest_cache", "*.egg-info", "*.pyc", ".mypy_cache"
+_SKIP = shutil.ignore_patterns(  # without git: what .gitignore names, and caches
+    ".git", ".venv*", "__pycache__", ".hypothesis", ".pytest_cache", "*.egg-info", "*.pyc", ".mypy_cache",
+    "runs", "ckpt", "build", "out",
 )
 
 
-def copy_repo(dest: Path) -> Path:
+def source_files(root: Path) -> list[str] | None:
+    """The files a clean clone of ``root`` would hold plus the uncommitted ones git does
+    not ignore (relative paths); None where ``root`` is not a git work tree. Never the
+    ignored ones: a virtual environment (``.venv-xla`` is 7 GB), runs, checkpoints."""
+    try:
+        out = subprocess.run(
+            ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+            cwd=root, capture_output=True, check=True, timeout=60,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return [p for p in out.decode().split("\0") if p and (root / p).is_file()]  # not a tracked file deleted
+
+
+def copy_repo(dest: Path, root: Path = ROOT) -> Path:
     """A copy of the repository at ``dest`` whose ``import xform`` is the copy's."""
-    shutil.copytree(ROOT, dest, ignore=_SKIP)
-    os.symlink("../backends", dest / "xform" / "backends", target_is_directory=True)
+    files = source_files(root)
+    if files is None:
+        shutil.copytree(root, dest, ignore=_SKIP)
+    else:
+        for rel in files:
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(root / rel, dest / rel)
+    link = dest / "xform" / "backends"
+    if (dest / "xform").is_dir() and not link.exists():
+        os.symlink("../backends", link, target_is_directory=True)
     return dest
 
 
@@ -109,6 +133,32 @@ def test_every_mutation_names_its_file_snippet_and_tests():
         assert m.find != m.replace and m.tests, m.name
         for t in m.tests:
             assert (ROOT / t.split("::")[0]).is_file(), f"mutation {m.name}: no test file {t}"
+
+
+def test_the_copy_holds_what_git_would_ship_and_nothing_it_ignores(tmp_path):
+    """Catches a copy that takes ignored folders along: with ``.venv-xla`` (7 GB, made by
+    the test command) beside the sources, 29 copies filled this machine's disk. Also
+    the fallback without git skips the folders .gitignore names."""
+    root = tmp_path / "src"
+    (root / "xform").mkdir(parents=True)
+    (root / "backends").mkdir()
+    (root / "xform" / "core.py").write_text("x = 1\n")
+    (root / "backends" / "b.py").write_text("y = 2\n")
+    (root / ".gitignore").write_text(".venv*/\nruns/\n")
+    for ignored in (".venv-xla/lib", "runs/sharded"):
+        (root / ignored).mkdir(parents=True)
+        (root / ignored / "big.bin").write_bytes(b"\0" * 1024)
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run([*git, "init", "-q"], cwd=root, check=True)
+    subprocess.run([*git, "add", "xform", ".gitignore"], cwd=root, check=True)
+    subprocess.run([*git, "commit", "-qm", "x"], cwd=root, check=True)  # backends/ stays untracked, not ignored
+    for dest, how in ((tmp_path / "with-git", None), (tmp_path / "without-git", "no-git")):
+        if how == "no-git":
+            shutil.rmtree(root / ".git")
+        copy_repo(dest, root)
+        got = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
+        assert got == [".gitignore", "backends/b.py", "xform/core.py"], (how, got)
+        assert (dest / "xform" / "backends" / "b.py").read_text() == "y = 2\n"
 
 
 def test_an_unmutated_copy_imports_itself_and_passes(tmp_path):
