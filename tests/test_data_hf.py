@@ -175,3 +175,22 @@ def test_a_dataset_split_by_node_is_refused():
     part = split_dataset_by_node(streaming(), rank=0, world_size=2)
     with pytest.raises(ValueError, match=r"xf.DataLoader: this Hugging Face IterableDataset is already split by node \(split_dataset_by_node\); pass the whole dataset: xf.DataLoader splits it over the ranks itself"):
         xf.DataLoader(part, batch_size=4)
+
+
+def test_readers_never_write_the_epoch_a_streaming_dataset_shares_with_its_workers():
+    """A Hugging Face ``IterableDataset`` keeps its epoch in one shared-memory tensor, the
+    same in the main process and every DataLoader worker. Each reader sets its own epoch,
+    in its own process: written into that tensor, the workers raced (``set_epoch`` is a
+    read-modify-write) and one read the other's epoch: seen once as a negative epoch that
+    numpy refused (``test_two_processes_split_and_resume_exactly[stream-2]``), or a
+    shuffle of the wrong epoch. Catches a reader that writes into the shared epoch: it
+    reads 3 epochs, and the dataset's epoch must still be the user's."""
+    from xform._data_stream import StreamReader
+
+    ds = streaming()
+    ds.set_epoch(5)
+    reader = StreamReader(
+        ds, batch_size=4, rank=0, world_size=1, drop_last=False, seed=0, start=0, epochs=3, collate_fn=len,
+    )
+    epochs = sorted({epoch for _, epoch, _, _, _ in reader})
+    assert epochs == [0, 1, 2] and ds.epoch == 5

@@ -13,7 +13,7 @@ batch twice, and the union over ranks is what one process would see.
 The position is ``state.data["consumed"]`` global batches, as for map-style datasets;
 a resumed reader reads and drops the examples of the consumed batches (count and skip),
 crossing epoch ends as the uninterrupted run did (``set_epoch(e)`` is called on datasets
-that have it at the start of epoch ``e``). The cost is reading the skipped examples once
+that have it at the start of epoch ``e``; see ``own_epoch``). The cost is reading the skipped examples once
 per reader, and, as the price of not depending on how a dataset splits itself, each
 reader reads the stream whole. Because the position counts global batches of one
 stream, a checkpoint resumes on any number of processes with the same global batch size.
@@ -85,6 +85,26 @@ def examples(dataset: Any) -> Iterator[Any]:
     yield from dataset
 
 
+def own_epoch(dataset: Any) -> Any:
+    """The dataset to read, with an epoch of this reader's own.
+
+    A Hugging Face ``datasets.IterableDataset`` keeps its epoch in one shared-memory
+    tensor, the same in the main process and in every DataLoader worker (it is meant to
+    be set in the main process and read by the workers). Every reader sets its own
+    epoch, in its own process: on that tensor they would race (``set_epoch`` is a
+    read-modify-write) and read each other's epoch (a shuffle of another epoch, or a
+    negative one). The reader gets a shallow copy whose epoch is not shared; the user's
+    dataset keeps its own. Any other dataset is read as it is.
+    """
+    epoch = getattr(dataset, "_epoch", None)
+    if not (isinstance(epoch, torch.Tensor) and epoch.is_shared()):
+        return dataset
+    own = object.__new__(type(dataset))
+    own.__dict__.update(dataset.__dict__)  # a new __dict__: copy.copy would share the original's (its __setstate__)
+    own._epoch = epoch.clone()
+    return own
+
+
 class StreamReader(torch.utils.data.IterableDataset):
     """One reader's batches, from global batch ``start`` on: ``(index, epoch, per, pad, batch)``."""
 
@@ -119,11 +139,12 @@ class StreamReader(torch.utils.data.IterableDataset):
         w, n = (0, 1) if info is None else (info.id, info.num_workers)
         main = info is None
         G = self.batch_size * self.world_size
+        dataset = own_epoch(self.dataset)
         index, epoch, last = 0, 0, None
         while last is None or epoch < last:
-            if hasattr(self.dataset, "set_epoch"):
-                self.dataset.set_epoch(epoch)
-            it = examples(self.dataset)
+            if hasattr(dataset, "set_epoch"):
+                dataset.set_epoch(epoch)
+            it = examples(dataset)
             head: list[Any] = []
             first = index
             while True:
