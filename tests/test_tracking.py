@@ -4,6 +4,7 @@ import json
 import struct
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -159,6 +160,21 @@ def _wandb_records(path):
     return out
 
 
+def _wandb_records_written(path, timeout_s=60.0):
+    """The records of the run's .wandb file once wandb's service has written it to the
+    end (its ``exit`` record). ``finish()`` can return before the service's writer is
+    done: once, under the full suite's load, the file held no history yet."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            records = _wandb_records(path)
+        except Exception:  # a record being written: read again
+            records = []
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.1)
+
+
 def test_wandb_tracker_offline_run_holds_config_and_history(tmp_path, monkeypatch):
     import wandb  # noqa: F401  (a test dependency: fail, never skip, when it is missing)
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -172,7 +188,7 @@ def test_wandb_tracker_offline_run_holds_config_and_history(tmp_path, monkeypatc
     run_id = t.run.id
     t.finish()
     (path,) = glob.glob(str(tmp_path / "wandb" / f"offline-run-*-{run_id}" / f"run-{run_id}.wandb"))
-    records = _wandb_records(path)
+    records = _wandb_records_written(path)
     history = []
     for r in records:
         if r.WhichOneof("record_type") == "history":
