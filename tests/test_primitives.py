@@ -175,3 +175,23 @@ def test_the_engine_call_equals_autograd_grad_and_leaves_overriding_tensors_to_i
     v = torch.randn(3, requires_grad=True).as_subclass(Logged)
     _grad((v * 2).sum(), (v,), None)
     assert "grad" in seen
+
+
+@pytest.mark.parametrize("loss_of", ["the parameter", "a view of it", "an xf.Mean of it"])
+def test_the_loss_value_is_the_one_before_the_update(loss_of):
+    """A loss that is a parameter or a view of one: ``loss.detach()`` would share the
+    parameter's storage, and the metrics would show the value after the in-place
+    update. Catches a value that aliases what the update writes: w = 3 before an SGD
+    update with gradient 1 and lr 1, so the metric is 3 and w becomes 2."""
+    module = torch.nn.Module()
+    module.w = torch.nn.Parameter(torch.tensor([3.0]))
+    state = xf.TrainState.create(module, optimizer=torch.optim.SGD, lr=1.0)
+    fns = {
+        "the parameter": lambda p: p["w"],
+        "a view of it": lambda p: p["w"][0],
+        "an xf.Mean of it": lambda p: xf.Mean(p["w"][0], 1),
+    }
+    loss, grads = xf.value_and_grad(fns[loss_of])(state.params)
+    state = state.apply_gradients(grads)
+    value = loss.value if isinstance(loss, xf.Mean) else loss
+    assert float(state.params["w"].detach()[0]) == 2.0 and float(value.reshape(())) == 3.0

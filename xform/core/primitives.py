@@ -579,8 +579,20 @@ def _value_and_grad_base(fn, params, has_aux):
     if seed is not None and seed._version:  # a custom backward wrote into it: not reused
         _forget_seed(stack.reducers[-1].memo, seed)
     grads = {k: (g if g is not None else _unused_grad(params[k])) for k, g in zip(names, found)}
-    value = loss.detach() if isinstance(loss, (Mean, torch.Tensor)) else loss
+    value = _value(loss)
     return ((value, aux) if has_aux else value), grads
+
+
+def _value(loss: Any) -> Any:
+    """The loss as ``value_and_grad`` returns it: detached, and a copy where it would
+    share a parameter's storage (the loss is a parameter or a view of one), which the
+    update then changes in place."""
+    if isinstance(loss, Mean):
+        return Mean(_value(loss.total), loss.count.detach() if isinstance(loss.count, torch.Tensor) else loss.count)
+    if not isinstance(loss, torch.Tensor):
+        return loss
+    value = loss.detach()
+    return value.clone() if loss.grad_fn is None or loss._is_view() else value
 
 
 def _grad(objective: torch.Tensor, inputs: tuple[torch.Tensor, ...], seed: torch.Tensor | None):
