@@ -232,14 +232,16 @@ def _sgd_state(w: float) -> xf.TrainState:
 
 
 def test_a_loss_that_is_a_parameter_itself_accumulates_right_on_every_call():
-    """A leaf loss is differentiated from a fresh start, never the shared one: torch's
-    ``autograd.grad`` hands the start back as the leaf's gradient when called without
-    ``allow_unused`` (with it, as xform calls it, torch 2.13 returns a copy), and
-    accumulate adds the next micro-batch into the gradient it adopted. Gradient of w is
-    1 per update, so w drops by 1 per call."""
+    """A leaf loss is differentiated from a fresh start, never the shared one: the
+    autograd engine hands the start back as the gradient of a loss that is itself an
+    input, and accumulate adds the next micro-batch into the gradient it adopted, which
+    would change the start of every later call. The loss is a plain tensor (a Parameter
+    takes the general objective path, which divides instead). Gradient of w is 1 per
+    update, so w drops by 1 per call."""
 
     def leaf_step(state, b):
-        loss, grads = xf.value_and_grad(lambda p: p["w"])(state.params)
+        w = state.params["w"].detach().requires_grad_()  # a plain leaf tensor over the param's storage
+        loss, grads = xf.value_and_grad(lambda p: p["w"])({"w": w})
         return state.apply_gradients(grads), {"loss": loss}
 
     run = xf.accumulate(leaf_step, 2)
