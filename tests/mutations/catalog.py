@@ -278,4 +278,39 @@ MUTATIONS: tuple[Mutation, ...] = (
         tests=("tests/test_optim_direct.py::test_direct_update_reads_the_schedule_and_clipping_each_step",),
         bug="SGD through the direct update keeps the learning rate of its first update: the schedule stops",
     ),
+    Mutation(
+        name="backward_start_reused_after_a_backward_wrote_into_it",
+        path="xform/core/primitives.py",
+        find="if seed is not None and seed._version:",
+        replace="if False:",
+        tests=("tests/test_accumulate.py::test_a_backward_that_writes_into_its_incoming_gradient_does_not_leak_into_the_next_micro_batch",),
+        bug="accumulate: a custom backward that scales its incoming gradient in place changes the cached "
+        "start of every later micro-batch and step",
+    ),
+    Mutation(
+        name="leaf_loss_gets_the_shared_backward_start",
+        path="xform/core/primitives.py",
+        find="if loss.grad_fn is None or torch.compiler.is_compiling():",
+        replace="if torch.compiler.is_compiling():",
+        tests=("tests/test_accumulate.py::test_a_loss_that_is_a_parameter_itself_accumulates_right_on_every_call",),
+        bug="accumulate: a loss that is its own input gets the cached start back as its gradient, and "
+        "the sum of the micro-batches is added into it: later steps start from a wrong value",
+    ),
+    Mutation(
+        name="loss_value_aliases_the_parameter",
+        path="xform/core/primitives.py",
+        find="return value.clone() if loss.grad_fn is None or loss._is_view() else value",
+        replace="return value",
+        tests=("tests/test_primitives.py::test_the_loss_value_is_the_one_before_the_update",),
+        bug="a loss that is a parameter (or a view of one) is reported after the update changed it in place",
+    ),
+    Mutation(
+        name="stream_readers_write_the_shared_epoch",
+        path="xform/_data_stream.py",
+        find="dataset = own_epoch(self.dataset)",
+        replace="dataset = self.dataset",
+        tests=("tests/test_data_hf.py::test_readers_never_write_the_epoch_a_streaming_dataset_shares_with_its_workers",),
+        bug="Hugging Face streaming datasets: the loader's workers race on the one shared epoch "
+        "(a shuffle of another epoch, or a negative epoch that numpy refuses)",
+    ),
 )
