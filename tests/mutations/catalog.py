@@ -299,8 +299,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         name="loss_value_aliases_the_parameter",
         path="xform/core/primitives.py",
-        find="return value.clone() if loss.grad_fn is None or loss._is_view() else value",
-        replace="return value",
+        find="return loss.grad_fn is None or loss._is_view()",
+        replace="return False",
         tests=("tests/test_primitives.py::test_the_loss_value_is_the_one_before_the_update",),
         bug="a loss that is a parameter (or a view of one) is reported after the update changed it in place",
     ),

@@ -87,11 +87,9 @@ def _direct(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> "Ca
     ):
         return None
     if plan is None or not plan.fits(optimizer, params):
-        plan = _DirectUpdate.build(optimizer, params)
-        if plan is None or plan is _NOT_DIRECT:
-            optimizer.__dict__["_xform_direct"] = plan
+        plan = optimizer.__dict__["_xform_direct"] = _DirectUpdate.build(optimizer, params)
+        if not isinstance(plan, _DirectUpdate):
             return None
-        optimizer.__dict__["_xform_direct"] = plan
     if plan.cuda and torch.cuda.is_current_stream_capturing():
         return None
     return plan

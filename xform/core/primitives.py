@@ -588,11 +588,18 @@ def _value(loss: Any) -> Any:
     share a parameter's storage (the loss is a parameter or a view of one), which the
     update then changes in place."""
     if isinstance(loss, Mean):
-        return Mean(_value(loss.total), loss.count.detach() if isinstance(loss.count, torch.Tensor) else loss.count)
+        value = loss.detach()
+        return Mean(_value(loss.total), value.count) if _aliases(loss.total) else value
     if not isinstance(loss, torch.Tensor):
         return loss
     value = loss.detach()
-    return value.clone() if loss.grad_fn is None or loss._is_view() else value
+    return value.clone() if _aliases(loss) else value
+
+
+def _aliases(loss: torch.Tensor) -> bool:
+    """Whether ``loss.detach()`` may share a parameter's storage: the loss is a leaf (a
+    parameter) or a view of a tensor (of one)."""
+    return loss.grad_fn is None or loss._is_view()
 
 
 def _grad(objective: torch.Tensor, inputs: tuple[torch.Tensor, ...], seed: torch.Tensor | None):

@@ -254,15 +254,13 @@ class _Handler(Handler):
 class _ScaledHandler(_Handler):
     """The handler of a policy with a loss scale (fp16): it also scales the objective and
     unscales before the update. A policy without one (bf16) has no ``objective`` or
-    ``update`` of its own, so those primitives skip it (see ``_Stack.chain``)."""
+    ``update`` of its own, so those primitives skip it (see ``_Stack.chain``). While it is
+    installed (a call of the step) ``scale`` is the state's loss scale."""
 
     def objective(self, loss: Mean, next):
-        objective = next(loss)
-        return objective if self.scale is None else objective * self.scale
+        return next(loss) * self.scale
 
     def update(self, state: TrainState, grads, next):
-        if self.scale is None:
-            return next(state, grads)
         value = state.transforms[_KEY]
         # Unscale on the device; whether the result is finite (on every process, under
         # shard) is decided once, by the update itself, which skips a non-finite one.
