@@ -194,15 +194,25 @@ def test_bf16_params_without_master_weights_break_the_bound():
 )
 def test_both_nesting_orders_are_equal(config, policy, k, micro, dropout, data_seed):
     """``accumulate(mixed_precision(step, p), k)`` and ``mixed_precision(accumulate(step,
-    k), p)`` mean the same: equal states and metrics, bit for bit (dropout included)."""
+    k), p)`` mean the same: equal states and metrics, bit for bit (dropout included).
+
+    ``accumulate`` runs the first as the second (the policy's handler installed once per
+    step, outside accumulate's). A plain function around the mixed_precision step hides it
+    from that rewrite, so the third run has the policy's handler installed per micro-batch,
+    inside accumulate's: the handler orders agree, not only the two spellings."""
     inner = xf.accumulate(xf.mixed_precision(step, policy), k)
     outer = xf.mixed_precision(xf.accumulate(step, k), policy)
+    mp_step = xf.mixed_precision(step, policy)
+    per_micro = xf.accumulate(lambda s, b: mp_step(s, b), k)
     batches = [classification_batch(config, k * micro, data_seed + i) for i in range(3)]
     make_state = state_factory(config, dropout=dropout)
     a, ma = run_steps(inner, init(inner, make_state()), batches)
     b, mb = run_steps(outer, init(outer, make_state()), batches)
+    c, mc = run_steps(per_micro, init(mp_step, make_state()), batches)
     assert_states_close(a, b)
     assert_states_close(ma, mb)
+    assert_states_close(a, c)
+    assert_states_close(ma, mc)
     assert a.step == 3
 
 

@@ -1,10 +1,13 @@
 """``accumulate``: splitting, equivalence with the full batch, metrics, and errors."""
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import xform as xf
+from xform.core.primitives import handlers
 from xform.transforms.accumulate import combine_metrics, split_batch
 from xform.testing import assert_accumulate_equivalent, assert_states_close
 
@@ -120,6 +123,38 @@ def test_a_step_must_call_apply_gradients_exactly_once():
         xf.accumulate(two_updates, 2)(make_state(), batch())
 
 
+
+def test_accumulate_of_mixed_precision_runs_the_policy_once_per_step_outside_accumulate():
+    """accumulate(mixed_precision(s)) runs as mixed_precision(accumulate(s)) (they mean the
+    same; property_tests check the two handler orders agree bit for bit): the policy's
+    handler sits outside accumulate's in every micro-batch, installed once per step."""
+    seen = []
+
+    def probe(state, b):
+        seen.append(tuple(type(h).__module__.rsplit(".", 1)[-1] for h in handlers()))
+        return step(state, b)
+
+    wrapped = xf.accumulate(xf.mixed_precision(probe, "bf16"), 2)
+    state, _ = wrapped(wrapped.init(make_state()), batch())
+    assert seen == [("mixed_precision", "accumulate")] * 2 and state.step == 1
+    assert wrapped.xform.names == ("mixed_precision", "accumulate")  # the record keeps what the user wrote
+
+
+def test_a_function_wrapping_a_mixed_precision_step_still_runs_on_every_micro_batch():
+    """functools.wraps copies the attributes of the mixed_precision step onto a wrapper;
+    the rewrite above must not mistake the wrapper for that step and skip it."""
+    mp_step = xf.mixed_precision(step, "bf16")
+    calls = []
+
+    @functools.wraps(mp_step)
+    def logged(state, b):
+        calls.append(b["x"].shape[0])
+        return mp_step(state, b)
+
+    state, _ = xf.accumulate(logged, 2)(mp_step.init(make_state()), batch(8))
+    assert calls == [4, 4] and state.step == 1
+
+
 # --- splitting ----------------------------------------------------------------------------
 
 
@@ -159,6 +194,21 @@ def test_combine_metrics():
     assert float(out["mean"]) == 2.5 and float(out["mean"].count) == 4
     assert out["loss"].item() == 2.0 and out["n"].item() == 7 and out["n"].dtype == torch.int64
     assert (out["count"], out["lr"], out["flag"], out["tag"]) == (5, 1.0, True, "b")
+
+
+def test_combine_metrics_of_tensors_and_means_only_pools_the_same_way():
+    """The dict of tensors and Means (the common metrics) is pooled without the pytree
+    walk: floating tensors averaged, integer ones summed, Means pooled, as above."""
+    parts = [
+        {"loss": torch.tensor(1.0), "n": torch.tensor(2), "mean": xf.Mean(torch.tensor(6.0), 3)},
+        {"loss": torch.tensor(2.0), "n": torch.tensor(5), "mean": xf.Mean(torch.tensor(4.0), 1)},
+        {"loss": torch.tensor(6.0), "n": torch.tensor(1), "mean": xf.Mean(torch.tensor(2.0), 2)},
+    ]
+    out = combine_metrics(parts)
+    assert out["loss"].item() == 3.0 and out["n"].item() == 8 and out["n"].dtype == torch.int64
+    assert float(out["mean"]) == 2.0 and float(out["mean"].count) == 6
+    with pytest.raises(ValueError):  # another key set in one micro-batch: refused, not half-pooled
+        combine_metrics([parts[0], {"loss": torch.tensor(1.0)}])
 
 
 def test_token_metric_pools_exactly():

@@ -115,6 +115,33 @@ def test_bf16_computes_in_bf16_and_keeps_fp32_master_weights():
     assert not torch.equal(fp32.params["0.weight"], state.params["0.weight"])
 
 
+def test_an_apply_nested_in_another_leaves_autocast_as_it_found_it():
+    """The handler reuses one autocast context across apply calls; a context records on
+    itself what it restores, so an apply nested inside another (a module calling
+    xf.apply) must get its own, or the outer exit would restore the nested entry's
+    settings and leave autocast on after the step."""
+    helper = make_state(1)
+    seen = []
+
+    def hook(mod, inp, out):
+        if not seen:  # once: the nested apply runs this hook's module again
+            seen.append("in")
+            xf.apply(helper, helper.params, inp[0])
+            seen.append(torch.is_autocast_enabled("cpu"))
+
+    wrapped = xf.mixed_precision(step, "bf16")
+    state = init(wrapped, make_state())
+    handle = state.module[0].register_forward_hook(hook)
+    try:
+        for b in BATCHES[:2]:
+            seen.clear()
+            state, _ = wrapped(state, b)
+            assert seen == ["in", True]  # still under the outer apply's autocast
+            assert not torch.is_autocast_enabled("cpu")  # and off after the step
+    finally:
+        handle.remove()
+
+
 def test_bf16_params_are_cast_by_init():
     wrapped = xf.mixed_precision(step, "params=bfloat16")
     state = init(wrapped, make_state())

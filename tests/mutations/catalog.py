@@ -137,8 +137,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         name="dropout_stream_not_salted_per_micro_batch",
         path="xform/transforms/accumulate.py",
-        find="with rng_salt(i):",
-        replace="with rng_salt():",
+        find="rng.piece(i)",
+        replace="rng.piece(0)",
         tests=(f"{PURITY}::test_each_micro_batch_draws_its_own_dropout_mask",),
         bug="accumulate: every micro-batch draws the same dropout mask",
     ),
@@ -312,5 +312,23 @@ MUTATIONS: tuple[Mutation, ...] = (
         tests=("tests/test_data_hf.py::test_readers_never_write_the_epoch_a_streaming_dataset_shares_with_its_workers",),
         bug="Hugging Face streaming datasets: the loader's workers race on the one shared epoch "
         "(a shuffle of another epoch, or a negative epoch that numpy refuses)",
+    ),
+    Mutation(
+        name="a_wrapper_of_a_mixed_precision_step_taken_for_it",
+        path="xform/core/transform.py",
+        find="if found is None or found[0] is not step:",
+        replace="if found is None:",
+        tests=("tests/test_accumulate.py::test_a_function_wrapping_a_mixed_precision_step_still_runs_on_every_micro_batch",),
+        bug="accumulate: a function made with functools.wraps around a mixed_precision step is skipped "
+        "(its copied attribute taken for the step's own) and the step runs without it",
+    ),
+    Mutation(
+        name="nested_apply_shares_the_reused_autocast",
+        path="xform/transforms/mixed_precision.py",
+        find="ac is None or self.depth or ac.device != device_type",
+        replace="ac is None or ac.device != device_type",
+        tests=("tests/test_mixed_precision.py::test_an_apply_nested_in_another_leaves_autocast_as_it_found_it",),
+        bug="mixed_precision: an apply nested in another re-enters the one reused autocast context, "
+        "which then restores the wrong settings and leaves autocast on after the step",
     ),
 )

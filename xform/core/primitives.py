@@ -120,7 +120,7 @@ class _Stack:
     The chains are built on a primitive's first dispatch under this stack and reused by
     every later one (each micro-batch of ``accumulate``): no per-call allocation."""
 
-    __slots__ = ("handlers", "chains", "reducers", "uses_backward", "overlaps", "kept")
+    __slots__ = ("handlers", "chains", "reducers", "uses_backward", "overlaps", "kept", "rescales")
 
     def __init__(self, handlers: tuple[Handler, ...], kept: bool = False):
         self.handlers = handlers
@@ -129,6 +129,7 @@ class _Stack:
         self.reducers = tuple(h for h in handlers if h.reduces)
         self.uses_backward = any(h.uses_backward for h in handlers)
         self.overlaps = any(h.overlaps for h in self.reducers)  # a reducer communicates each gradient
+        self.rescales = any(type(h).objective is not Handler.objective for h in handlers)  # overrides objective
 
     def chain(self, name: str, base: Callable[..., Any]) -> Callable[..., Any]:
         """What ``dispatch`` calls: the innermost overriding handler's method linked to
@@ -220,6 +221,9 @@ def dispatch(name: str, base: Callable[..., Any], *args: Any) -> Any:
     stack = _HANDLERS.get()
     if not stack.handlers:
         return base(*args)
+    cached = stack.chains.get(name)  # _Stack.chain's cache hit, inlined
+    if cached is not None and cached[0] is base:
+        return cached[1](*args)
     return stack.chain(name, base)(*args)
 
 
@@ -278,17 +282,29 @@ class rng_salt:
 class rng_guard:
     """Saves the global generator of ``device`` (or ``device``, a generator) once and
     restores it on exit, so that the ``apply`` calls inside (all of a step's
-    micro-batches) only seed it."""
+    micro-batches) only seed it. ``piece(i)`` inside it is ``rng_salt(i)`` for what
+    follows, up to the next ``piece`` (a loop over micro-batches, without a context per
+    micro-batch)."""
 
-    __slots__ = ("gen", "saved", "token")
+    __slots__ = ("gen", "saved", "token", "frame", "base")
 
     def __init__(self, device: torch.device | torch.Generator):
         self.gen = device if isinstance(device, torch.Generator) else generator_for(device)
 
-    def __enter__(self) -> None:
+    def __enter__(self) -> "rng_guard":
         self.saved = self.gen.get_state()
         outer = _RNG.get()
-        self.token = _RNG.set(_RngFrame(outer.salt if outer else (), True))
+        self.base = outer.salt if outer else ()
+        self.frame = _RngFrame(self.base, True)
+        self.token = _RNG.set(self.frame)
+        return self
+
+    def piece(self, i: int) -> None:
+        """The ``apply`` calls from here on draw from piece ``i``'s stream: the frame
+        ``rng_salt(i)`` would enter, counting its calls from 0 again."""
+        frame = self.frame
+        frame.salt = self.base + (i,)
+        frame.calls = 0
 
     def __exit__(self, *exc: Any) -> None:
         _RNG.reset(self.token)
@@ -350,7 +366,7 @@ def _apply_base(state: "TrainState", params, args, kwargs):
     saved = None if frame is not None and frame.guarded else gen.get_state()
     gen.manual_seed(_next_seed(state, frame))
     try:
-        if params is state.params:
+        if params is state._params:  # (alive: _runtime checked)
             rt.bind(state)
             return rt.module(*args, **kwargs)
         _check_params(state, params)
@@ -543,9 +559,8 @@ def _value_and_grad_base(fn, params, has_aux):
         loss, aux = out, None
     stack = _HANDLERS.get()
     seed = None  # the gradient the backward pass starts from: None for 1, else 1/pieces (see _piece_seed)
-    if type(loss) is torch.Tensor and (
-        not stack.handlers or stack.chain("objective", _objective_base) is _objective_base
-    ):  # a scalar mean loss that no handler rescales: _objective_base's plain-mean case, without the Mean
+    if type(loss) is torch.Tensor and not stack.rescales:
+        # a scalar mean loss that no handler rescales: _objective_base's plain-mean case, without the Mean
         objective = _check_scalar(loss)
         if stack.reducers:
             seed = _piece_seed(objective, stack.reducers)

@@ -62,21 +62,16 @@ class _Runtime:
     a state rebuilt from leaves (``load``, ``tree.map``, ``replace``) gets a new one.
     """
 
-    __slots__ = ("spec", "optimizer", "extras", "generator", "__weakref__")
+    __slots__ = ("spec", "module", "device", "device_type", "optimizer", "extras", "generator", "__weakref__")
 
     def __init__(self, spec: _Spec):
         self.spec = spec
+        self.module: torch.nn.Module = spec.module  # the spec's, as attributes: read on every apply
+        self.device: torch.device = spec.device
+        self.device_type: str = spec.device.type
         self.optimizer: torch.optim.Optimizer | None = None
         self.extras: dict[Any, Any] = {}  # handlers' caches bound to these tensors
         self.generator = primitives.generator_for(spec.device)  # the global RNG ``apply`` seeds
-
-    @property
-    def module(self) -> torch.nn.Module:
-        return self.spec.module
-
-    @property
-    def device(self) -> torch.device:
-        return self.spec.device
 
     def bind(self, state: "TrainState") -> None:
         """Points the module's parameter and buffer slots at this state's tensors."""

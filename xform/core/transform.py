@@ -18,7 +18,9 @@ from xform.core.primitives import handlers
 from xform.core.state import TrainState
 from xform.distributed.runtime import step_failure
 
-__all__ = ["Applied", "Step", "Transforms", "TransformedStep", "check_result", "init_of", "transforms_of", "wrap"]
+__all__ = [
+    "Applied", "Step", "Transforms", "TransformedStep", "check_result", "commuting", "init_of", "transforms_of", "wrap",
+]
 
 
 @attrs.frozen
@@ -141,9 +143,15 @@ def wrap(
     *,
     name: str,
     api: str | None = None,
+    commutes: Callable[[Callable[..., Any]], Callable[[TrainState, Any], Any]] | None = None,
     **settings: Any,
 ) -> TransformedStep:
     """``call`` under ``step``'s name and docs, with ``init`` run after the inner one's.
+
+    ``commutes``, for a transform T that means the same inside or outside ``accumulate``:
+    ``commutes(c)`` is T's call around another call ``c`` (``call`` is
+    ``commutes(step)``). ``accumulate`` then runs ``accumulate(T(s))`` as ``T(accumulate(s))``,
+    T's work once per step rather than once per micro-batch (see ``commuting``).
 
     The transformed step checks what ``call`` returns (``check_result``), and turns a
     failed collective inside it or its ``init`` (a dead or hung peer) into an
@@ -188,4 +196,17 @@ def wrap(
 
     transformed.init = init_all  # type: ignore[attr-defined]
     transformed.xform = record  # type: ignore[attr-defined]
+    # (functools.wraps copied the inner step's; the identity says whose it is, see commuting)
+    transformed._xform_commutes = None if commutes is None else (transformed, step, commutes)  # type: ignore[attr-defined]
     return transformed  # type: ignore[return-value]
+
+
+def commuting(step: Callable[..., Any]) -> tuple[Callable[..., Any], Callable[..., Any]] | None:
+    """``(inner, around)`` when ``step`` is ``T(inner)`` for a transform T made with
+    ``wrap(..., commutes=around)``; None for any other step, including a function that
+    merely wraps such a step with ``functools.wraps`` (which copies the attribute, not
+    the identity it is checked against)."""
+    found = getattr(step, "_xform_commutes", None)
+    if found is None or found[0] is not step:
+        return None
+    return found[1], found[2]

@@ -17,9 +17,9 @@ import torch
 
 from xform import tree
 from xform.core.mean import Mean
-from xform.core.primitives import Reducer, grad_hook, installed, overlapping, rng_guard, rng_salt
+from xform.core.primitives import Reducer, grad_hook, installed, overlapping, rng_guard
 from xform.core.state import TrainState
-from xform.core.transform import check_result, check_step, wrap
+from xform.core.transform import check_result, check_step, commuting, wrap
 
 __all__ = ["accumulate", "split_batch", "combine_metrics"]
 
@@ -166,6 +166,10 @@ def accumulate(step: Callable[..., Any], steps: int):
     if steps == 1:
         return step
 
+    # accumulate(T(s)) for a transform T that commutes with accumulate (mixed_precision) runs
+    # as T(accumulate(s)): T's handler installed once per step, not once per micro-batch
+    commuted = commuting(step)
+    inner = step if commuted is None else commuted[0]
     # a handler not in use, reused by the next call (none while one runs); one pool per kind
     pools: dict[type[_Handler], list[_Handler]] = {_Handler: [], _FoldingHandler: []}
 
@@ -183,11 +187,11 @@ def accumulate(step: Callable[..., Any], steps: int):
 
     def run(handler: _Handler, state: TrainState, micro_batches: list[Any]):
         metrics = []
-        with installed(handler, reused=True), rng_guard(state._runtime("accumulate").generator):
+        with installed(handler, reused=True), rng_guard(state._runtime("accumulate").generator) as rng:
             for i, micro_batch in enumerate(micro_batches):
                 handler.micro, handler.calls = i, 0
-                with rng_salt(i):
-                    out = step(state, micro_batch)
+                rng.piece(i)  # rng_salt(i) for this micro-batch
+                out = inner(state, micro_batch)
                 if not (type(out) is tuple and len(out) == 2 and type(out[0]) is TrainState):
                     out = check_result("accumulate", out)
                 state, m = out
@@ -203,7 +207,7 @@ def accumulate(step: Callable[..., Any], steps: int):
             raise _metrics_mismatch(metrics) or e
 
     return wrap(
-        step, call, lambda state: state,
+        step, call if commuted is None else commuted[1](call), lambda state: state,
         name="accumulate", steps=steps,
     )
 
@@ -331,11 +335,14 @@ def _split_flat(batch: Any, k: int) -> list[Any] | None:
         return None
     n = -1
     for t in tensors:
-        if type(t) is not torch.Tensor or t.dim() == 0:
+        if type(t) is not torch.Tensor:
+            return None
+        shape = t.shape
+        if not shape:  # 0-d: passed whole to every micro-batch (the general path)
             return None
         if n < 0:
-            n = t.size(0)
-        elif t.size(0) != n:
+            n = shape[0]
+        elif shape[0] != n:
             return None
     if n <= 0 or n % k:  # also an empty batch (n < 0)
         return None
@@ -357,10 +364,7 @@ def combine_metrics(metrics: list[Any]) -> Any:
                 out = out + m
             return out
         if isinstance(x, torch.Tensor):
-            total = x.detach() if x.requires_grad else x  # value_and_grad's values come detached
-            for t in xs[1:]:
-                total = total + (t.detach() if t.requires_grad else t)
-            return total / len(xs) if x.is_floating_point() or x.is_complex() else total
+            return _pool_tensors(xs)
         if isinstance(x, bool):
             return xs[-1]
         if isinstance(x, int):
@@ -370,12 +374,30 @@ def combine_metrics(metrics: list[Any]) -> Any:
         return xs[-1]
 
     first = metrics[0]
-    if (
-        type(first) is dict
-        and all(type(v) is torch.Tensor or type(v) is Mean for v in first.values())
-        and all(type(m) is dict and m.keys() == first.keys() for m in metrics)
-    ):
-        return {key: combine(*(m[key] for m in metrics)) for key in first}  # the common case, directly
+    if type(first) is dict:  # the common case, directly: dicts with the same keys of tensors or Means
+        keys, out = first.keys(), {}
+        for m in metrics:
+            if type(m) is not dict or m.keys() != keys:
+                break
+        else:
+            for key, x in first.items():
+                if type(x) is torch.Tensor:
+                    out[key] = _pool_tensors([m[key] for m in metrics])
+                elif type(x) is Mean:
+                    out[key] = combine(*(m[key] for m in metrics))
+                else:
+                    break
+            else:
+                return out
     return optree.tree_map(
         combine, first, *metrics[1:], is_leaf=lambda x: isinstance(x, Mean), namespace=tree.NAMESPACE
     )
+
+
+def _pool_tensors(xs: Any) -> torch.Tensor:
+    """The micro-batches' values of one tensor metric: floating ones averaged, others summed."""
+    x = xs[0]
+    total = x.detach() if x.requires_grad else x  # value_and_grad's values come detached
+    for t in xs[1:]:
+        total = total + (t.detach() if t.requires_grad else t)
+    return total / len(xs) if x.is_floating_point() or x.is_complex() else total

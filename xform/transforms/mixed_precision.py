@@ -234,14 +234,34 @@ class _Handler(Handler):
         self.calls = 0  # apply_gradients calls in this call of the step
         self.compute, self.output = policy.compute_dtype, policy.output_dtype
         self.cast_inputs = policy.compute_dtype == policy.param_dtype  # params stored in it: cast, no autocast
+        self.autocast: torch.autocast | None = None  # reused by apply calls in turn (see apply)
+        self.depth = 0  # apply calls running under this handler (nested ones make their own autocast)
 
     def apply(self, state, params, args, kwargs, next):
         dtype = self.compute
         if self.cast_inputs:
             out = next(state, params, _cast_floats(args, dtype), _cast_floats(kwargs, dtype))
         else:
-            with torch.autocast(state._runtime("xf.apply").device.type, dtype=dtype):
-                out = next(state, params, args, kwargs)
+            # One autocast context made once and reused by the apply calls one after another
+            # (building one costs more than entering it). A context records on itself what it
+            # restores, so a nested apply makes its own; so does one while torch.compile
+            # traces (it follows the contexts it sees made), and one after the device or the
+            # autocast cache setting changed.
+            device_type = state._runtime("xf.apply").device_type
+            ac = self.autocast
+            if (
+                ac is None or self.depth or ac.device != device_type
+                or ac._cache_enabled != torch.is_autocast_cache_enabled() or torch.compiler.is_compiling()
+            ):
+                ac = torch.autocast(device_type, dtype=dtype)
+                if not self.depth and not torch.compiler.is_compiling():
+                    self.autocast = ac
+            self.depth += 1
+            try:
+                with ac:
+                    out = next(state, params, args, kwargs)
+            finally:
+                self.depth -= 1
         return _cast_floats(out, self.output)
 
     def apply_gradients(self, state, grads, count, next):
@@ -347,26 +367,35 @@ def mixed_precision(
 
     free: list[_Handler] = []  # a handler not in use, reused by the next call (none while one runs)
 
-    def call(state: TrainState, batch: Any):
-        scale = None
-        if scaled:
-            value = state.transforms.get(_KEY)
-            if value is None:
-                raise ValueError(_NO_INIT)
-            scale = value["scale"]
-        handler = free.pop() if free else kind(policy, loss_scale)  # atomic: a concurrent call makes its own
-        handler.scale, handler.calls = scale, 0
-        try:
-            with installed(handler, reused=True):
-                return step(state, batch)
-        finally:
-            handler.scale = None  # hold no tensor between calls
-            if not free:
-                free.append(handler)
+    def around(inner: Callable[..., Any]) -> Callable[[TrainState, Any], Any]:
+        """``inner`` run under this policy's handler (``inner`` is ``step``, or what
+        ``accumulate`` makes of it: see ``wrap``'s ``commutes``)."""
+
+        def call(state: TrainState, batch: Any):
+            scale = None
+            if scaled:
+                value = state.transforms.get(_KEY)
+                if value is None:
+                    raise ValueError(_NO_INIT)
+                scale = value["scale"]
+            handler = free.pop() if free else kind(policy, loss_scale)  # atomic: a concurrent call makes its own
+            handler.scale, handler.calls = scale, 0
+            try:
+                with installed(handler, reused=True):
+                    return inner(state, batch)
+            finally:
+                handler.scale = None  # hold no tensor between calls
+                if not free:
+                    free.append(handler)
+
+        return call
 
     return wrap(
-        step, call, init,
+        step, around(step), init,
         name="mixed_precision", policy=policy, loss_scale=loss_scale, fp8=fp8,
+        # accumulate(mixed_precision(s)) means mixed_precision(accumulate(s)) (see the module
+        # docstring) and runs that way: this handler installed once per step, not per micro-batch
+        commutes=around,
     )
 
 
