@@ -269,7 +269,9 @@ class TrainState:
     @property
     def params(self) -> dict[str, torch.Tensor]:
         """Parameter name to tensor, in the module's ``named_parameters`` order."""
-        self._alive("TrainState.params")
+        life = self._life
+        if life.tensors.consumed_by is not None:  # _alive, inlined: read in every step
+            self._alive("TrainState.params")
         return self._params
 
     @property
@@ -309,8 +311,10 @@ class TrainState:
         return self._life.donated_by is not None
 
     def _runtime(self, api: str) -> _Runtime:
-        self._alive(api)
-        return self._life.runtime
+        life = self._life
+        if life.tensors.consumed_by is not None:  # _alive, inlined: read by every apply
+            self._alive(api)
+        return life.runtime
 
     # --- functional updates -------------------------------------------------------------
 
@@ -350,7 +354,8 @@ class TrainState:
         ``accumulate`` adds them up until the last micro-batch, ``mixed_precision``
         unscales and skips the update on overflow, ``shard`` communicates.
         """
-        self._alive("TrainState.apply_gradients")
+        if self._life.tensors.consumed_by is not None:  # _alive, inlined
+            self._alive("TrainState.apply_gradients")
         if type(grads) is not dict and not isinstance(grads, Mapping):  # the ABC check only off the common path
             raise TypeError(
                 f"TrainState.apply_gradients: grads must be a dict of parameter name to tensor, "
@@ -487,8 +492,8 @@ def _is_unit(count: Any) -> bool:
     (``Fraction.__eq__`` is slow; the common counts are told apart by type)."""
     if count is None or (type(count) is int and count == 1):
         return True
-    if type(count) is fractions.Fraction:
-        return count.numerator == 1 and count.denominator == 1
+    if type(count) is fractions.Fraction:  # its slots: the public names are Python properties
+        return count._numerator == 1 and count._denominator == 1
     return count == 1 if not isinstance(count, torch.Tensor) else False
 
 
@@ -552,7 +557,7 @@ def _nonfinite(grads: list[torch.Tensor], scratch: dict[Any, Any]) -> torch.Tens
 
     torch's fused check (GradScaler's, with a scale of 1): one kernel, a few µs. Its two
     scalars are made once per runtime (``scratch``) and reused; the flag is only zeroed
-    when it may hold a 1 (``_found_clear`` marks it read as 0)."""
+    when it may hold a 1 (the update marks it read as 0: ``clear``)."""
     # plain tensors as they are, DTensors' local parts (a mixed list is fine)
     local = [g if type(g) is torch.Tensor else local_part(g) for g in grads]
     flag = scratch.get(_NONFINITE)
@@ -567,16 +572,11 @@ def _nonfinite(grads: list[torch.Tensor], scratch: dict[Any, Any]) -> torch.Tens
     return found
 
 
-def _found_clear(scratch: dict[Any, Any]) -> None:
-    """Marks the non-finite flag as read 0 on the host: the next check needs no zeroing."""
-    scratch[_NONFINITE].clear = True
-
-
 def _update_base(state: TrainState, grads: dict[str, torch.Tensor]) -> TrainState:
     spec = state._spec
     rt = state._runtime("TrainState.apply_gradients")
     sharded = _SHARDED.get()
-    trace = primitives.tracing()
+    trace = primitives._TRACING.get()  # primitives.tracing(), inlined
     if trace is not None and (sharded is None or (getattr(sharded, "whole", False) and sharded.run is None)):
         # (gradients all-reduced whole are the same on every process, so is their flag)
         return _traced_update(state, grads, trace)
@@ -589,7 +589,7 @@ def _update_base(state: TrainState, grads: dict[str, torch.Tensor]) -> TrainStat
     else:
         finite = not bool(bad)
         if finite:
-            _found_clear(rt.extras)
+            rt.extras[_NONFINITE].clear = True  # read as 0: the next check needs no zeroing
     counter = state._transforms.get(_NONFINITE)
     if not finite:
         if counter is None:

@@ -19,7 +19,7 @@ from xform import tree
 from xform.core.mean import Mean
 from xform.core.primitives import Reducer, grad_hook, installed, overlapping, rng_guard
 from xform.core.state import TrainState
-from xform.core.transform import check_result, check_step, commuting, wrap
+from xform.core.transform import check_result, check_step, commuting, transforms_of, wrap
 
 __all__ = ["accumulate", "split_batch", "combine_metrics"]
 
@@ -170,6 +170,8 @@ def accumulate(step: Callable[..., Any], steps: int):
     # as T(accumulate(s)): T's handler installed once per step, not once per micro-batch
     commuted = commuting(step)
     inner = step if commuted is None else commuted[0]
+    # what a bad result of `inner` is blamed on: the innermost transform as written
+    blame = "accumulate" if commuted is None else transforms_of(step).applied[-1].name
     # a handler not in use, reused by the next call (none while one runs); one pool per kind
     pools: dict[type[_Handler], list[_Handler]] = {_Handler: [], _FoldingHandler: []}
 
@@ -178,29 +180,26 @@ def accumulate(step: Callable[..., Any], steps: int):
         kind = _FoldingHandler if overlapping() else _Handler
         free = pools[kind]
         handler = free.pop() if free else kind(steps)  # atomic: a concurrent call makes its own
+        metrics = []
         try:
-            return run(handler, state, micro_batches)
+            with installed(handler, reused=True), rng_guard(state._runtime("accumulate").generator) as rng:
+                for i, micro_batch in enumerate(micro_batches):
+                    handler.micro, handler.calls = i, 0
+                    rng.piece(i)  # rng_salt(i) for this micro-batch
+                    out = inner(state, micro_batch)
+                    if not (type(out) is tuple and len(out) == 2 and type(out[0]) is TrainState):
+                        out = check_result(blame, out)
+                    state, m = out
+                    if handler.calls != 1:
+                        raise RuntimeError(
+                            f"accumulate: the step did not call state.apply_gradients on micro-batch {i}; "
+                            "a step must call it exactly once"
+                        )
+                    metrics.append(m)
         finally:
             handler.reset()
             if not free:
                 free.append(handler)
-
-    def run(handler: _Handler, state: TrainState, micro_batches: list[Any]):
-        metrics = []
-        with installed(handler, reused=True), rng_guard(state._runtime("accumulate").generator) as rng:
-            for i, micro_batch in enumerate(micro_batches):
-                handler.micro, handler.calls = i, 0
-                rng.piece(i)  # rng_salt(i) for this micro-batch
-                out = inner(state, micro_batch)
-                if not (type(out) is tuple and len(out) == 2 and type(out[0]) is TrainState):
-                    out = check_result("accumulate", out)
-                state, m = out
-                if handler.calls != 1:
-                    raise RuntimeError(
-                        f"accumulate: the step did not call state.apply_gradients on micro-batch {i}; "
-                        "a step must call it exactly once"
-                    )
-                metrics.append(m)
         try:
             return state, combine_metrics(metrics)
         except (ValueError, TypeError) as e:
