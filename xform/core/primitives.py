@@ -547,12 +547,21 @@ def _unused_grad(param: torch.Tensor) -> torch.Tensor:
 
 
 def _value_and_grad_base(fn, params, has_aux):
-    outer = _RNG.get()  # a fresh frame: the apply calls inside count from 0 (rng_salt(), inlined)
-    token = _RNG.set(_RngFrame(outer.salt, outer.guarded) if outer else _RngFrame((), False))
-    try:
-        out = fn(params)
-    finally:
-        _RNG.reset(token)
+    # the apply calls inside count from 0: the enclosing frame's count set aside (a fresh
+    # frame with its salt, without making one), or a frame of its own outside any
+    frame = _RNG.get()
+    if frame is not None:
+        calls, frame.calls = frame.calls, 0
+        try:
+            out = fn(params)
+        finally:
+            frame.calls = calls
+    else:
+        token = _RNG.set(_RngFrame((), False))
+        try:
+            out = fn(params)
+        finally:
+            _RNG.reset(token)
     if has_aux:
         if not (isinstance(out, tuple) and len(out) == 2):
             raise ValueError(_HAS_AUX_ERROR.format(got=type(out).__name__))
