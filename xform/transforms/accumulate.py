@@ -1,8 +1,10 @@
 """``accumulate``: the step on a batch, computed as k micro-batches.
 
 Nesting: ``accumulate`` may sit inside or outside ``mixed_precision`` with the same
-meaning (see ``_mixed_precision``). ``accumulate(accumulate(step, a), b)`` runs a*b
-micro-batches. Outside ``shard``, it holds communication until the last micro-batch.
+meaning (see ``xform.transforms.mixed_precision``); ``accumulate(mixed_precision(s))`` runs as
+``mixed_precision(accumulate(s))``, the policy's handler installed once per step (``wrap``'s
+``commutes``). ``accumulate(accumulate(step, a), b)`` runs a*b micro-batches. Outside
+``shard``, it holds communication until the last micro-batch.
 """
 
 from __future__ import annotations
