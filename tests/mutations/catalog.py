@@ -331,4 +331,13 @@ MUTATIONS: tuple[Mutation, ...] = (
         bug="mixed_precision: an apply nested in another re-enters the one reused autocast context, "
         "which then restores the wrong settings and leaves autocast on after the step",
     ),
+    Mutation(
+        name="accumulate_of_mixed_precision_drops_the_policy",
+        path="xform/transforms/accumulate.py",
+        find="call if commuted is None else commuted[1](call)",
+        replace="call",
+        tests=("tests/test_accumulate.py::test_accumulate_of_mixed_precision_runs_the_policy_once_per_step_outside_accumulate",),
+        bug="accumulate(mixed_precision(s)) rewritten to run the inner step without the policy's handler: "
+        "fp32 compute where bf16 was asked for",
+    ),
 )

@@ -367,10 +367,8 @@ def _apply_base(state: "TrainState", params, args, kwargs):
     gen.manual_seed(_next_seed(state, frame))
     try:
         if params is state._params:  # (alive: _runtime checked)
-            module = rt.module
-            if module.__dict__.get("_xform_bound") is not rt:  # rt.bind's own check, inlined
-                rt.bind(state)
-            return module(*args, **kwargs)
+            rt.bind(state)
+            return rt.module(*args, **kwargs)
         _check_params(state, params)
         return torch.func.functional_call(rt.module, {**state.buffers, **params}, args, kwargs, strict=False)
     except RuntimeError as e:  # only now, never on the happy path: was it the inputs' device or dtype?

@@ -262,8 +262,6 @@ class _Handler(Handler):
                     out = next(state, params, args, kwargs)
             finally:
                 self.depth -= 1
-        if type(out) is torch.Tensor:  # _cast_floats's common case, inlined
-            return out.to(self.output) if out.is_floating_point() and out.dtype != self.output else out
         return _cast_floats(out, self.output)
 
     def apply_gradients(self, state, grads, count, next):
