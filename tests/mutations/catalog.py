@@ -340,4 +340,13 @@ MUTATIONS: tuple[Mutation, ...] = (
         bug="accumulate(mixed_precision(s)) rewritten to run the inner step without the policy's handler: "
         "fp32 compute where bf16 was asked for",
     ),
+    Mutation(
+        name="innermost_handler_rescaling_ignored",
+        path="xform/core/primitives.py",
+        find="for h in handlers)  # overrides objective",
+        replace="for h in handlers[:-1])  # overrides objective",
+        tests=(f"{MP}::test_both_nesting_orders_are_equal",),
+        bug="a loss-scaling handler innermost in the stack (fp16 inside accumulate, hidden from the "
+        "rewrite) is taken not to rescale: the loss goes unscaled and the update is divided by the scale",
+    ),
 )

@@ -132,11 +132,9 @@ class _Stack:
         self.rescales = any(type(h).objective is not Handler.objective for h in handlers)  # overrides objective
 
     def chain(self, name: str, base: Callable[..., Any]) -> Callable[..., Any]:
-        """What ``dispatch`` calls: the innermost overriding handler's method linked to
-        the ones outside it, ending in ``base``; ``base`` itself when none overrides."""
-        cached = self.chains.get(name)
-        if cached is not None and cached[0] is base:
-            return cached[1]
+        """Builds and caches what ``dispatch`` calls (it looks in ``chains`` first): the
+        innermost overriding handler's method linked to the ones outside it, ending in
+        ``base``; ``base`` itself when none overrides."""
         default = getattr(Handler, name)
         entry = base
         for h in self.handlers:  # outermost first: each link's next is the one built before
@@ -221,7 +219,7 @@ def dispatch(name: str, base: Callable[..., Any], *args: Any) -> Any:
     stack = _HANDLERS.get()
     if not stack.handlers:
         return base(*args)
-    cached = stack.chains.get(name)  # _Stack.chain's cache hit, inlined
+    cached = stack.chains.get(name)  # (base, entry), built by the first dispatch under this stack
     if cached is not None and cached[0] is base:
         return cached[1](*args)
     return stack.chain(name, base)(*args)

@@ -492,8 +492,8 @@ def _is_unit(count: Any) -> bool:
     (``Fraction.__eq__`` is slow; the common counts are told apart by type)."""
     if count is None or (type(count) is int and count == 1):
         return True
-    if type(count) is fractions.Fraction:  # its slots: the public names are Python properties
-        return count._numerator == 1 and count._denominator == 1
+    if type(count) is fractions.Fraction:
+        return count.numerator == 1 and count.denominator == 1
     return count == 1 if not isinstance(count, torch.Tensor) else False
 
 
@@ -576,7 +576,7 @@ def _update_base(state: TrainState, grads: dict[str, torch.Tensor]) -> TrainStat
     spec = state._spec
     rt = state._runtime("TrainState.apply_gradients")
     sharded = _SHARDED.get()
-    trace = primitives._TRACING.get()  # primitives.tracing(), inlined
+    trace = primitives.tracing()
     if trace is not None and (sharded is None or (getattr(sharded, "whole", False) and sharded.run is None)):
         # (gradients all-reduced whole are the same on every process, so is their flag)
         return _traced_update(state, grads, trace)
