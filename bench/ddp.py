@@ -12,6 +12,12 @@ hits both): the tables give the median of the paired ratios with their quartiles
 ``[q1, q3]`` (half the rounds fall inside) and their range, beside the medians of the
 per-round times. Single rounds are noisy: read the spread before the median.
 
+"cpu ms" (and the "own CPU" ratios) is the CPU time per step of each process's calling
+thread (``time.thread_time``), averaged over the processes: the runner's own work (Python,
+the copies into the buckets, launching the collectives) without the waits for the other
+process and for gloo's threads, which make step times on 2 cores scatter by +-10% from
+round to round. Gloo's own threads are not in it (the same collectives for every runner).
+
 Variants: DDP with its default buckets (25 MB, the first one 1 MB) and with
 ``bucket_cap_mb=2``; xform with ``Replicate(bucket_mb=25)`` (its default) and 2. The last
 column is each variant's bucket layout (DDP's as rebuilt after its first step), and
@@ -139,12 +145,13 @@ def _xform_runner(bucket_mb: float, dims: tuple[int, ...]):
     return run, lambda: {k: v.detach() for k, v in box[0].params.items()}, layout
 
 
-def _timed(run, batch, steps: int) -> float:
+def _timed(run, batch, steps: int) -> tuple[float, float]:
+    """Wall seconds of ``steps`` steps, and the CPU seconds of this (the calling) thread in them."""
     dist.barrier()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.thread_time()
     for _ in range(steps):
         run(batch)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.thread_time() - cpu
 
 
 def _name(kind: str, mb: float | None) -> str:
@@ -159,16 +166,19 @@ def time_worker(rounds: int, steps: int, warmup: int, variants: list[tuple[str, 
             run(batch)
     names = list(runners)
     times: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         for n in names if r % 2 == 0 else names[::-1]:
-            times[n].append(_timed(runners[n][0], batch, steps) / steps)
+            wall, own = _timed(runners[n][0], batch, steps)
+            times[n].append(wall / steps)
+            cpu[n].append(own / steps)
     # Same init, same data, same number of steps: the weights should agree to rounding.
     ref = runners[names[0]][1]()
     diff = {}
     for n, (_, weights, _) in runners.items():
         w = weights()
         diff[n] = max(float((w[k] - ref[k]).abs().max()) for k in ref)
-    return {"times": times, "diff": diff, "layout": {n: r[2]() for n, r in runners.items()}}
+    return {"times": times, "cpu": cpu, "diff": diff, "layout": {n: r[2]() for n, r in runners.items()}}
 
 
 def profile_worker(steps: int, kind: str, bucket_mb: float | None, dims) -> str | None:
@@ -303,23 +313,28 @@ def main() -> None:
             res = pool.run(time_worker, args.rounds, args.steps, args.warmup, variants, dims, args.batch)
             names = list(res[0]["times"])
             per_round = {n: [max(r["times"][n][i] for r in res) for i in range(args.rounds)] for n in names}
+            cpu_round = {n: [sum(r["cpu"][n][i] for r in res) / len(res) for i in range(args.rounds)] for n in names}
             ref = names[0]
-            print(f"{'variant':18s} {'median ms':>9s} {'q1 ms':>7s} {'q3 ms':>7s}  {'paired / ' + ref + ': median [q1, q3] range':>45s}  {'max|w-w0|':>9s}  buckets (MB)")
+            print(
+                f"{'variant':18s} {'median ms':>9s} {'q1 ms':>7s} {'q3 ms':>7s}  "
+                f"{'paired / ' + ref + ': median [q1, q3] range':>45s}  {'cpu ms':>6s}  {'max|w-w0|':>9s}  buckets (MB)"
+            )
             for n in names:
                 q1, med, q3 = quartiles(per_round[n])
                 paired = [a / b for a, b in zip(per_round[n], per_round[ref])]
                 print(
                     f"{n:18s} {med * 1e3:9.2f} {q1 * 1e3:7.2f} {q3 * 1e3:7.2f}  {_spread(paired):>45s}  "
-                    f"{res[0]['diff'][n]:9.1e}  {res[0]['layout'][n]}"
+                    f"{quartiles(cpu_round[n])[1] * 1e3:6.3f}  {res[0]['diff'][n]:9.1e}  {res[0]['layout'][n]}"
                 )
             pairs = [("defaults", "ddp default", "xform 25 MB")]  # xform's default: Replicate(bucket_mb=25)
             pairs += [("same bucket size", d, "xform" + d[3:]) for d in names if d.startswith("ddp") and d != "ddp default"]
             summary.append(f"shard(step, 'replicate') / DistributedDataParallel, {args.rounds} paired rounds:")
-            summary.append(f"  {'pair':46s} {'median [q1, q3] of the paired ratios, range':>45s}")
+            summary.append(f"  {'pair':62s} {'median [q1, q3] of the paired ratios, range':>45s}")
             for what, d, x in pairs:
                 if d in per_round and x in per_round:
-                    paired = [a / b for a, b in zip(per_round[x], per_round[d])]
-                    summary.append(f"  {what + ': ' + x + ' / ' + d:46s} {_spread(paired):>45s}")
+                    for label, table in (("step time", per_round), ("own CPU", cpu_round)):
+                        paired = [a / b for a, b in zip(table[x], table[d])]
+                        summary.append(f"  {what + ': ' + x + ' / ' + d + ', ' + label:62s} {_spread(paired):>45s}")
         if args.profile:
             for kind, mb in (("ddp", None), ("xform", 25.0)):
                 print(f"--- cProfile, rank 0, 50 steps of {_name(kind, mb)}")

@@ -111,3 +111,57 @@ def async_save_then_train(strategy: str | None, path: str):
 def tp_uneven_split():
     s = xf.shard(step, xf.TensorParallel(plan={"0": "colwise", "2": "rowwise"}), mesh=xf.mesh(dp=1, tp=2))
     s.init(xf.TrainState.create(model(), optimizer=torch.optim.SGD, lr=0.1))  # hidden width 7
+
+
+def kept_gradients(strategy: str, bucket_mb: float):
+    """Trains 3 steps of a step that returns its (reduced) gradients in its metrics, keeping
+    each step's; returns each kept gradient as it was when its step returned and as it is
+    after the last step."""
+    size, rank = world()
+
+    def keeping(state, batch):
+        def loss_fn(params):
+            return F.mse_loss(xf.apply(state, params, batch["x"]), batch["y"])
+
+        loss, grads = xf.value_and_grad(loss_fn)(state.params)
+        return state.apply_gradients(grads), {"grads": grads}
+
+    s = xf.shard(keeping, _strategy(strategy, bucket_mb))
+    state = s.init(xf.TrainState.create(model(), optimizer=torch.optim.SGD, lr=0.1))
+    kept, at_return = [], []
+    for b in data(3):
+        n = b["x"].shape[0] // size
+        state, metrics = s(state, {k: v[rank * n : (rank + 1) * n] for k, v in b.items()})
+        kept.append(metrics["grads"])
+        at_return.append({k: v.clone() for k, v in metrics["grads"].items()})
+    return at_return, kept
+
+
+def bucket_reuse(strategy: str, bucket_mb: float):
+    """The data-parallel layout's buckets over two steps' worth of gradients: whether the
+    second step reuses the first's memory when nothing kept a gradient, and whether it
+    takes fresh memory when one was kept (and the kept gradient's values after it)."""
+    from xform.backends.torch_native.data_parallel import DataParallel
+
+    layout = DataParallel(_strategy(strategy, bucket_mb), None)
+    group = layout.group()[0]
+    params = dict(model().named_parameters())
+    fake = {k: torch.full_like(p, 1.0 + dist.get_rank()) for k, p in params.items()}
+    comm = layout.comm(params, group)
+    comm.begin(4)
+    comm.finish(fake)  # the gradients are dropped
+    first = [t.data_ptr() for t in comm.held]
+    comm = layout.comm(params, group)
+    comm.begin(4)
+    kept = comm.finish(fake)
+    reused = [t.data_ptr() for t in comm.held] == first
+    was = {k: v.clone() for k, v in kept.items()}
+    comm = layout.comm(params, group)
+    comm.begin(4)
+    comm.finish({k: 2 * v for k, v in fake.items()})
+    fresh = [t.data_ptr() for t in comm.held] != first
+    return reused, fresh, was, kept
+
+
+def _strategy(name: str, bucket_mb: float):
+    return xf.Replicate(bucket_mb=bucket_mb) if name == "replicate" else xf.ZeRO(stage=int(name[-1]), bucket_mb=bucket_mb)

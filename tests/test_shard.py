@@ -103,3 +103,28 @@ def test_async_save_captures_the_state_at_the_call(pool2, tmp_path, strategy):
     for at_save, loaded in results:
         for name in at_save:
             assert torch.equal(at_save[name], loaded[name]), name
+
+
+BUCKETS = [("replicate", 25.0), ("replicate", 1e-5), ("zero1", 25.0), ("zero2", 25.0), ("zero2", 1e-5)]
+
+
+@pytest.mark.parametrize("strategy, bucket_mb", BUCKETS)
+def test_gradients_a_step_returned_are_not_overwritten_by_the_next_step(pool2, strategy, bucket_mb):
+    """Catches a reused gradient bucket overwriting gradients that the caller still holds
+    (the reduced gradients are views of the buckets, which the backend keeps between
+    steps): one bucket (no hooks), one per tensor (hooks), reduce-scattered rows."""
+    for at_return, kept in pool2.run(sup.kept_gradients, strategy, bucket_mb):
+        for i, (was, now) in enumerate(zip(at_return, kept)):
+            for name in was:
+                assert torch.equal(was[name], now[name]), (i, name)
+        assert not torch.equal(at_return[0]["0.weight"], at_return[1]["0.weight"])  # the steps differ
+
+
+@pytest.mark.parametrize("strategy, bucket_mb", BUCKETS)
+def test_the_buckets_are_reused_unless_a_gradient_is_kept(pool2, strategy, bucket_mb):
+    """Catches buckets allocated afresh every step (a page fault per page of a large bucket
+    on CPU) and a kept gradient missed by the check that decides the reuse."""
+    for reused, fresh, was, kept in pool2.run(sup.bucket_reuse, strategy, bucket_mb):
+        assert reused and fresh
+        for name in was:
+            assert torch.equal(was[name], kept[name]), name

@@ -100,66 +100,110 @@ class _Plan:
 
 
 class _Comm:
-    """One step's gradient communication: buckets filled by hooks, launched in order."""
+    """A plan's gradient communication: buckets filled by hooks as autograd produces the
+    gradients, launched in order.
 
-    def __init__(
-        self, plan: _Plan, group: Any, scatter: bool, dtype: torch.dtype, device: torch.device, rows: int | None = None
-    ):
+    Made once per model and dtype and reused by every step, as DDP keeps its buckets: a
+    fresh bucket each step would cost, on CPU, the page faults of its first write (glibc
+    maps large blocks afresh). The gradients a step hands out are views of the buckets,
+    made for that step and not kept: when the next step begins, a bucket whose memory any
+    tensor still views (a gradient of an earlier step kept by the caller) gets fresh
+    memory, so a kept gradient is never overwritten. With a single all-reduced bucket
+    nothing could be sent before backward ends, so no hooks are registered: the gradients
+    are copied in after it, in one call."""
+
+    def __init__(self, plan: _Plan, group: Any, scatter: bool, dtype: torch.dtype, device: torch.device):
         self.plan, self.group, self.scatter = plan, group, scatter
         n = len(plan.buckets)
         self.scattered = [scatter and bool(b) and b[0].sharded for b in plan.buckets]
+        self.any_scattered = any(self.scattered)
+        self.hooked = n > 1 or self.any_scattered
         self.dtype, self.device = dtype, device
         # The batch sizes of all processes ride on the last all-reduced bucket: ``world``
         # more elements, this process's size in its own slot, so every process reads every
         # size exactly after the all-reduce, at no extra collective (float32 counts are exact
         # up to 2**24). None when there is no such bucket or the dtype cannot hold the count.
-        tail = None
-        if rows is not None and dtype in (torch.float32, torch.float64) and rows < 2**24:
-            tail = next((i for i in reversed(range(n)) if not self.scattered[i]), None)
-        extra = [plan.world if i == tail else 0 for i in range(n)]
-        # Reduce-scatter send buffers are made when their first gradient arrives and let go
-        # once sent, so zero2 holds whole gradients only for the buckets in flight.
-        self.bufs: list[torch.Tensor | None] = [
-            None if sc else torch.empty(size + x, dtype=dtype, device=device)
-            for size, sc, x in zip(plan.sizes, self.scattered, extra)
-        ]
-        self.sizes: torch.Tensor | None = None  # every process's batch size, once reduced
-        if tail is not None:
-            self.sizes = self.bufs[tail][plan.sizes[tail] :]
-            self.sizes.zero_()
-            self.sizes[plan.rank] = rows
-        self.outs = [torch.empty(ssize, dtype=dtype, device=device) if sc else None for ssize, sc in zip(plan.ssizes, self.scattered)]
-        # The reduced gradients, made once per step: views of the buckets shaped like the
-        # params (all-reduce; the hooks copy into them and hand them to autograd) or like
-        # this process's rows (reduce-scatter).
-        self.grads: dict[str, torch.Tensor] = {}
-        for i, entries in enumerate(plan.buckets):
-            if self.scattered[i]:
-                for e in entries:
-                    n_local = (e.hi - e.lo) * e.rowsize
-                    self.grads[e.name] = self.outs[i][e.soffset : e.soffset + n_local].view(e.local_shape)
+        self.tail = None
+        if dtype in (torch.float32, torch.float64):
+            self.tail = next((i for i in reversed(range(n)) if not self.scattered[i]), None)
+        self.fns = {k: functools.partial(self._hook, k) for k in plan.names}
+        # Where each gradient lies, in the params' order: (name, bucket, start, stop, shape)
+        # in the bucket's memory: the whole param (all-reduce) or this process's rows
+        # (reduce-scatter).
+        self.index = []
+        for k in plan.names:
+            e = plan.entries[k]
+            if self.scattered[e.bucket]:
+                self.index.append((k, e.bucket, e.soffset, e.soffset + (e.hi - e.lo) * e.rowsize, e.local_shape))
             else:
-                for e, piece in zip(entries, self.bufs[i][: plan.sizes[i]].split(plan.numels[i])):
-                    self.grads[e.name] = piece.view(e.shape)
+                self.index.append((k, e.bucket, e.offset, e.offset + e.numel, e.shape))
+        # Per bucket: the all-reduce buffer (reduce-scatter: the send buffer, made when its
+        # first gradient arrives and let go once sent, so zero2 holds whole gradients only
+        # for the buckets in flight), the reduce-scatter output, and the one of them the
+        # gradients view, with its storage's use count while no gradient views it.
+        self.bufs: list[torch.Tensor | None] = [None] * n
+        self.outs: list[torch.Tensor | None] = [None] * n
+        self.held: list[torch.Tensor] = [None] * n  # type: ignore[list-item]
+        self.uses = [0] * n
+        self.tail_view: torch.Tensor | None = None
+        for i in range(n):
+            self._allocate(i)
+        self.grads: dict[str, torch.Tensor] = {}  # this step's gradients: views of the buckets
+        self.sizes: torch.Tensor | None = None  # every process's batch size, once reduced
         self.filled = [0] * n
         self.works: list[Any] = [None] * n
         self.next = 0
         self.seen: set[str] = set()
         self.hooks: list[Any] = []
 
+    def _allocate(self, i: int) -> None:
+        """Fresh memory for bucket ``i``."""
+        plan = self.plan
+        if self.scattered[i]:
+            out = self.outs[i] = torch.empty(plan.ssizes[i], dtype=self.dtype, device=self.device)
+        else:
+            extra = plan.world if i == self.tail else 0
+            out = self.bufs[i] = torch.empty(plan.sizes[i] + extra, dtype=self.dtype, device=self.device)
+            if extra:
+                self.tail_view = out[plan.sizes[i] :]
+        self.held[i] = out
+        self.uses[i] = _uses(out)
+
+    def begin(self, rows: int | None) -> None:
+        """Readies the buckets for a step and makes its gradient views; ``rows``: this
+        process's batch size, to carry."""
+        held = self.held
+        for i, out in enumerate(held):
+            uses = _uses(out)
+            if uses < 0 or uses != self.uses[i]:  # an earlier step's gradient is still referenced
+                self._allocate(i)
+        self.grads = {k: held[i][a:b].view(shape) for k, i, a, b, shape in self.index}
+        n = len(held)
+        self.filled = [0] * n
+        self.works = [None] * n
+        self.next = 0
+        self.seen = set()
+        self.sizes = None
+        if self.tail_view is not None:
+            self.tail_view.zero_()
+            if rows is not None and rows < 2**24:
+                self.sizes = self.tail_view
+                self.sizes[self.plan.rank] = rows
+
     def install(self, params: dict[str, torch.Tensor]) -> None:
-        for k in self.plan.names:
-            self.hooks.append(grad_hook(params[k], functools.partial(self._hook, k)))
+        if self.hooked:
+            fns = self.fns
+            self.hooks = [grad_hook(params[k], fns[k]) for k in self.plan.names]
 
     def remove(self) -> None:
         for h in self.hooks:
             h.remove()
-        self.hooks.clear()
+        self.hooks = []
 
     def _copy_in(self, e: _Entry, g: torch.Tensor) -> None:
-        buf = self.bufs[e.bucket]
         if self.scattered[e.bucket]:
             w, size = self.plan.world, self.plan.ssizes[e.bucket]
+            buf = self.bufs[e.bucket]
             if buf is None:
                 buf = self.bufs[e.bucket] = torch.empty(size * w, dtype=self.dtype, device=self.device)
             flat = g.reshape(-1)
@@ -181,30 +225,50 @@ class _Comm:
         return self.grads[name]
 
     def _launch_ready(self) -> None:
-        for i in range(self.next):  # drop send buffers whose reduce-scatter is done
-            if self.scattered[i] and self.bufs[i] is not None and self.works[i].is_completed():
-                self.bufs[i] = None
+        if self.any_scattered:
+            for i in range(self.next):  # drop send buffers whose reduce-scatter is done
+                if self.scattered[i] and self.bufs[i] is not None and self.works[i].is_completed():
+                    self.bufs[i] = None
         while self.next < len(self.bufs) and self.filled[self.next] == len(self.plan.buckets[self.next]):
-            i = self.next
-            if self.scattered[i]:
-                self.works[i] = _reduce_scatter(self.outs[i], self.bufs[i], group=self.group, async_op=True)
-            elif tracing() is not None:  # xf.jit traces the step: a collective the graph can hold
-                self.works[i] = _TracedAllReduce(self.bufs[i], self.group)
-            else:
-                self.works[i] = dist.all_reduce(self.bufs[i], group=self.group, async_op=True)
+            self._launch(self.next)
             self.next += 1
 
+    def _launch(self, i: int) -> None:
+        if self.scattered[i]:
+            self.works[i] = _reduce_scatter(self.outs[i], self.bufs[i], group=self.group, async_op=True)
+        elif tracing() is not None:  # xf.jit traces the step: a collective the graph can hold
+            self.works[i] = _TracedAllReduce(self.bufs[i], self.group)
+        else:
+            self.works[i] = dist.all_reduce(self.bufs[i], group=self.group, async_op=True)
+
     def finish(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Sends what the hooks did not (unused params: zeros), waits, and returns the
-        reduced gradients: whole (all-reduce) or this process's rows (reduce-scatter)."""
-        for k in self.plan.names:
-            if k not in self.seen:
-                self._copy_in(self.plan.entries[k], grads[k])
-        self._launch_ready()
+        """Sends what the hooks did not (all of it without hooks; unused params: zeros),
+        waits, and returns the reduced gradients: whole (all-reduce) or this process's rows
+        (reduce-scatter)."""
+        names = self.plan.names
+        if not self.hooked:  # one all-reduced bucket: one call copies every gradient in
+            torch._foreach_copy_(list(self.grads.values()), [grads[k] for k in names])
+            for i in range(len(self.held)):
+                self._launch(i)
+            self.next = len(self.held)
+        else:
+            for k in names:
+                if k not in self.seen:
+                    self._copy_in(self.plan.entries[k], grads[k])
+            self._launch_ready()
         for w in self.works:
             w.wait()
-        self.bufs = [None if sc else b for b, sc in zip(self.bufs, self.scattered)]
-        return {k: self.grads[k] for k in self.plan.names}
+        if self.any_scattered:
+            self.bufs = [None if sc else b for b, sc in zip(self.bufs, self.scattered)]
+        out, self.grads = self.grads, {}  # not kept: a view kept past the step shows in the count
+        return out
+
+
+def _uses(t: torch.Tensor) -> int:
+    """How many tensors share ``t``'s memory (each view holds its storage once); -1 where
+    this torch cannot tell, which makes every step take fresh memory."""
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    return count(t.untyped_storage()._cdata) if count is not None else -1
 
 
 class _TracedAllReduce:
@@ -235,6 +299,7 @@ class DataParallel:
         self.sharded = isinstance(strategy, ZeRO)
         self.scatter = isinstance(strategy, ZeRO) and strategy.stage == 2
         self._plan: _Plan | None = None  # the bucket layout, built once per model
+        self._comm: _Comm | None = None  # its buckets, reused step after step
 
     def group(self) -> tuple[Any, int, int]:
         return _mesh_group(self.mesh, None)
@@ -246,6 +311,19 @@ class DataParallel:
             names = [k for k, p in params.items() if p.requires_grad]
             plan = self._plan = _Plan(params, names, rank, world, self.strategy.bucket_mb, self.sharded)
         return plan
+
+    def comm(self, params: dict[str, torch.Tensor], group: Any) -> _Comm:
+        """The gradient communication of ``params``' plan: the one kept from the last
+        step when it fits, a fresh one while ``xf.jit`` traces (a graph does not hold
+        buffers kept between calls)."""
+        plan = self.plan(params)
+        p = params[plan.names[0]]
+        if tracing() is not None:
+            return _Comm(plan, group, self.scatter, p.dtype, p.device)
+        comm = self._comm
+        if comm is None or comm.plan is not plan or comm.group is not group or comm.dtype != p.dtype or comm.device != p.device:
+            comm = self._comm = _Comm(plan, group, self.scatter, p.dtype, p.device)
+        return comm
 
     def init(self, state: TrainState) -> TrainState:
         group, _, world = self.group()
@@ -341,9 +419,9 @@ class _DataParallelHandler(Reducer):
         return value, grads
 
     def _comm(self, params: dict[str, torch.Tensor]) -> _Comm:
-        plan = self.layout.plan(params)
-        p = params[plan.names[0]]
-        return _Comm(plan, self.group, self.layout.scatter, p.dtype, p.device, self.rows)
+        comm = self.layout.comm(params, self.group)
+        comm.begin(self.rows)
+        return comm
 
     def apply_gradients(self, state, grads, count, next):
         count = self.take_count(count)

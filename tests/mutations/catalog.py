@@ -349,4 +349,22 @@ MUTATIONS: tuple[Mutation, ...] = (
         bug="a loss-scaling handler innermost in the stack (fp16 inside accumulate, hidden from the "
         "rewrite) is taken not to rescale: the loss goes unscaled and the update is divided by the scale",
     ),
+    Mutation(
+        name="bucket_reused_while_a_kept_gradient_views_it",
+        path="backends/torch_native/data_parallel.py",
+        find="if uses < 0 or uses != self.uses[i]:",
+        replace="if uses < 0:",
+        tests=("tests/test_shard.py::test_gradients_a_step_returned_are_not_overwritten_by_the_next_step",),
+        bug="replicate/zero: the gradients a step returned (kept by the caller) are overwritten by the "
+        "next step's, which reuses the bucket they view",
+    ),
+    Mutation(
+        name="gradient_buckets_allocated_every_step",
+        path="backends/torch_native/data_parallel.py",
+        find="if uses < 0 or uses != self.uses[i]:",
+        replace="if True:",
+        tests=("tests/test_shard.py::test_the_buckets_are_reused_unless_a_gradient_is_kept",),
+        bug="replicate/zero: every step allocates its gradient buckets afresh (on CPU, a page fault "
+        "per page of a large bucket, each step)",
+    ),
 )
