@@ -26,8 +26,9 @@ steps (0: the same math). The last lines pair equal layouts.
 
 Counts: the ``torch.distributed`` collectives (``all_reduce``, ``reduce_scatter_tensor``,
 ``all_gather_into_tensor``, ``broadcast``, and ``all_gather_single``/``reduce_scatter_single``
-that FSDP2 calls) are wrapped with counters in each process; the step that ``accumulate``
-wraps reads them before and after each micro-batch. "after" counts the collectives of the
+that FSDP2 calls) and ``ProcessGroup.allreduce`` (which xform's buckets call) are wrapped
+with counters in each process; the step that ``accumulate`` wraps reads them before and
+after each micro-batch. "after" counts the collectives of the
 step issued outside its micro-batches. The second step is counted (the first one also
 creates the optimizer state). DDP is not counted: its reducer calls c10d from C++.
 
@@ -46,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import time
 import warnings
 
@@ -55,14 +55,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import xform as xf
+from xform.testing import counting_collectives
 from _common import mse_step, quartiles  # bench/ is the script's directory
 
 DIMS = (512, 1024, 1024, 512)
 BATCH = 32  # per process
-COLLECTIVES = (
-    "all_reduce", "reduce_scatter_tensor", "all_gather_into_tensor", "broadcast",
-    "all_gather_single", "reduce_scatter_single",
-)
 
 
 def mlp(dims: "tuple[int, ...] | str" = DIMS) -> torch.nn.Module:
@@ -206,27 +203,6 @@ def profile_worker(steps: int, kind: str, bucket_mb: float | None, dims) -> str 
 
 
 # --- collective counts ----------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def counting_collectives():
-    """Counts (in the ``collections.Counter`` it yields) the calls of the collectives made
-    through the ``torch.distributed`` module (``dist.all_reduce(...)``), as xform's backend
-    and FSDP2 make them."""
-    calls: collections.Counter[str] = collections.Counter()
-    saved = {name: getattr(dist, name) for name in COLLECTIVES if hasattr(dist, name)}
-    for name, fn in saved.items():
-
-        def counted(*args, __fn=fn, __name=name, **kwargs):
-            calls[__name] += 1
-            return __fn(*args, **kwargs)
-
-        setattr(dist, name, counted)
-    try:
-        yield calls
-    finally:
-        for name, fn in saved.items():
-            setattr(dist, name, fn)
 
 
 def count_worker(strategy: str, k: int) -> dict:

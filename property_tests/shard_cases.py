@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 import xform as xf
+from xform.testing import counting_collectives
 
 
 def model(case: dict[str, Any]) -> torch.nn.Module:
@@ -121,37 +122,6 @@ def loss_parts(loss: Any) -> tuple[float, float]:
     if isinstance(loss, xf.Mean):
         return float(loss.total), float(loss.count)
     return float(loss), 1.0
-
-
-_COLLECTIVES = ["all_reduce", "reduce_scatter_tensor", "all_gather_into_tensor", "broadcast", "all_gather",
-                "all_gather_single", "reduce_scatter_single"]
-
-
-@contextlib.contextmanager
-def counting_collectives() -> Iterator[dict[str, int]]:
-    """Counts the ``torch.distributed`` collectives called inside, by name (the backend
-    looks them up at each call). Collectives of float64 scalars (item counts, the
-    finiteness flag, the clipping norm) count under ``NAME:f64``, apart from those that
-    carry gradient or parameter buckets."""
-    counts: dict[str, int] = {}
-    names = [n for n in _COLLECTIVES if hasattr(dist, n)]
-    originals = {n: getattr(dist, n) for n in names}
-
-    def counting(name, fn):
-        def wrapper(*a, **kw):
-            t = a[0] if a else next(iter(kw.values()), None)
-            key = f"{name}:f64" if getattr(t, "dtype", None) == torch.float64 else name
-            counts[key] = counts.get(key, 0) + 1
-            return fn(*a, **kw)
-        return wrapper
-
-    for n in names:
-        setattr(dist, n, counting(n, originals[n]))
-    try:
-        yield counts
-    finally:
-        for n, fn in originals.items():
-            setattr(dist, n, fn)
 
 
 def train(case: dict[str, Any]) -> Run:

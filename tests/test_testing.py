@@ -13,6 +13,7 @@ from xform.testing import (
     assert_deterministic,
     assert_resume_equivalent,
     assert_states_close,
+    counting_collectives,
     fresh_states,
     run_steps,
 )
@@ -199,3 +200,36 @@ def test_make_state_may_return_an_initialized_state(policy, tmp_path):
     assert_deterministic(wrapped, make, batch())
     assert_resume_equivalent(wrapped, make, BATCHES, 2, tmp_path)
     assert_accumulate_equivalent(wrapped, make, batch(), 2, rtol=1e-2, atol=1e-2)
+
+
+# --- counting_collectives -----------------------------------------------------------------
+
+
+def _count_calls():
+    import torch.distributed as dist
+
+    group = dist.group.WORLD
+    f32, f64 = torch.ones(4), torch.ones(1, dtype=torch.float64)
+    with counting_collectives() as calls:
+        dist.all_reduce(f32)  # the module's: counted once, not again for its call on the group
+        group.allreduce([f32]).wait()  # on the group directly, as xform's buckets call it
+        dist.all_reduce(f64)
+        dist.broadcast(f32, src=0)
+    inside = dict(calls)
+    dist.all_reduce(f32)  # after the block: nothing counted, and both calls still work
+    group.allreduce([f32]).wait()
+    return inside, dict(calls), float(f32[0])
+
+
+def test_counting_collectives_counts_each_collective_once_and_puts_everything_back():
+    """Catches a collective counted twice (module function, then its call on the group),
+    one on a group missed, and a group method put back broken (a pybind method restored as
+    a plain attribute loses its binding: the next call on a group fails)."""
+    from xform.distributed.procs import ProcessPool
+
+    with ProcessPool(2, timeout_s=120) as pool:
+        results = pool.run(_count_calls)
+    for inside, after, value in results:
+        assert inside == {"all_reduce": 2, "all_reduce:f64": 1, "broadcast": 1}
+        assert after == inside
+        assert value == 2.0**4  # four sums of two ones: the broadcast kept rank 0's value

@@ -26,10 +26,12 @@ it on an already laid-out state is harmless).
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -44,6 +46,7 @@ __all__ = [
     "assert_deterministic",
     "assert_resume_equivalent",
     "assert_states_close",
+    "counting_collectives",
     "fresh_states",
     "run_steps",
 ]
@@ -395,3 +398,79 @@ def assert_resume_equivalent(
         restored, full, msg=f"final state of the run resumed after step {split_at} vs the uninterrupted run"
     )
     return expected
+
+
+# --- counting collectives -----------------------------------------------------------------
+
+_MODULE_COLLECTIVES = (
+    "all_reduce", "reduce_scatter_tensor", "all_gather_into_tensor", "broadcast", "all_gather",
+    "all_gather_single", "reduce_scatter_single",
+)
+
+
+@contextlib.contextmanager
+def counting_collectives() -> Iterator["collections.Counter[str]"]:
+    """Counts the collectives this process issues inside the block, by name, in the
+    ``collections.Counter`` it yields: those of the ``torch.distributed`` module
+    (``all_reduce``, ``reduce_scatter_tensor``, ``all_gather_into_tensor``, ``broadcast``,
+    ``all_gather``, ``all_gather_single``, ``reduce_scatter_single``, as FSDP2 and xform's
+    ZeRO code call them) and ``ProcessGroup.allreduce`` called on a group directly (as
+    xform's gradient buckets do), each collective once. One on a float64 tensor (an item
+    count, the finiteness flag, a clipping norm) counts as ``"NAME:f64"``, apart from those
+    that carry gradients or parameters. Collectives issued from C++ (the reducer of
+    ``DistributedDataParallel``) are not seen.
+
+    It replaces those functions process-wide while the block runs: use it in tests and
+    benchmarks, not around concurrent training.
+
+    Example (in each process of a group, e.g. to see that ``accumulate`` communicates only
+    on its last micro-batch)::
+
+        with counting_collectives() as calls:
+            state, metrics = step(state, batch)
+        print(dict(calls))  # {'all_reduce': 2}
+    """
+    import torch.distributed as dist
+
+    calls: collections.Counter[str] = collections.Counter()
+    saved = {name: getattr(dist, name) for name in _MODULE_COLLECTIVES if hasattr(dist, name)}
+    inside = [0]  # depth of module-level collectives: their own call on the group is not counted again
+
+    def key(name: str, args: tuple, kwargs: dict) -> str:
+        t = args[0] if args else next(iter(kwargs.values()), None)
+        if isinstance(t, list) and t:  # ProcessGroup.allreduce takes a list of tensors
+            t = t[0]
+        return f"{name}:f64" if getattr(t, "dtype", None) == torch.float64 else name
+
+    def module_level(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            calls[key(name, args, kwargs)] += 1
+            inside[0] += 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                inside[0] -= 1
+
+        return counted
+
+    group_class = dist.ProcessGroup
+    own = group_class.__dict__.get("allreduce")  # the descriptor itself: put back as it was
+    method = group_class.allreduce  # called with the group as first argument
+
+    def group_allreduce(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if not inside[0]:
+            calls[key("all_reduce", args, kwargs)] += 1
+        return method(self, *args, **kwargs)
+
+    for name, fn in saved.items():
+        setattr(dist, name, module_level(name, fn))
+    group_class.allreduce = group_allreduce
+    try:
+        yield calls
+    finally:
+        if own is None:
+            del group_class.allreduce
+        else:
+            group_class.allreduce = own
+        for name, fn in saved.items():
+            setattr(dist, name, fn)
