@@ -7,7 +7,9 @@ Strategies and how they are built:
   as autograd produces it and start an async all-reduce (replicate, zero1) or
   reduce-scatter (zero2) when a bucket is full, so communication overlaps the rest of
   the backward pass, as DDP does. Buckets are launched strictly in order, so every
-  process issues the same collectives in the same order.
+  process issues the same collectives in the same order. A model whose gradients fit one
+  all-reduced bucket has nothing to overlap: no hooks, the gradients copied in after
+  backward in one call. The buckets are kept between steps, as DDP keeps its own.
 - zero3/fsdp, hsdp (``FullyShardLayout``): ``torch.distributed.fsdp.fully_shard`` (FSDP2). Its
   per-module gather/free and reduce-scatter are module hooks that fire during
   ``.backward()``, so under these strategies ``value_and_grad`` takes gradients with

@@ -17,7 +17,8 @@ __all__ = ["Replicate", "ZeRO", "FullyShard", "HybridShard", "TensorParallel", "
 @attrs.frozen(kw_only=True)
 class Replicate:
     """DDP semantics: params and optimizer state replicated; gradients all-reduced in
-    buckets of ``bucket_mb``, started from autograd hooks as gradients become ready."""
+    buckets of ``bucket_mb``, started from autograd hooks as gradients become ready (when
+    they all fit one bucket: one all-reduce after backward, no hooks)."""
 
     bucket_mb: float = 25.0
     name = "replicate"
