@@ -35,8 +35,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         name="zero2_reduce_scatters_only_the_first_bucket",
         path="backends/torch_native/data_parallel.py",
-        find="            if self.scattered[i]:\n                self.works[i] = _reduce_scatter(",
-        replace="            if self.scattered[i] and i == 0:\n                self.works[i] = _reduce_scatter(",
+        find="        if self.scattered[i]:\n            self.works[i] = _reduce_scatter(",
+        replace="        if self.scattered[i] and i == 0:\n            self.works[i] = _reduce_scatter(",
         tests=(f"{SHARD}::test_sgd_mean_loss_in_many_buckets_equals_single_process[zero2]",),
         bug="zero2: buckets after the first are all-reduced into the send buffer and never "
         "reduce-scattered; their gradient rows are garbage",
