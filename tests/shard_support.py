@@ -165,3 +165,19 @@ def bucket_reuse(strategy: str, bucket_mb: float):
 
 def _strategy(name: str, bucket_mb: float):
     return xf.Replicate(bucket_mb=bucket_mb) if name == "replicate" else xf.ZeRO(stage=int(name[-1]), bucket_mb=bucket_mb)
+
+
+def folded_params(ks: tuple[int, ...], bucket_mb: float):
+    """Params after 3 steps of ``shard(accumulate(...accumulate(step, ks[-1])..., ks[0]),
+    Replicate(bucket_mb))``, SGD: one bucket (the earlier micro-batches' sums added before
+    the all-reduce, no hooks) or one per tensor (the sums folded in by autograd hooks)."""
+    size, rank = world()
+    s = step
+    for k in reversed(ks):
+        s = xf.accumulate(s, k)
+    s = xf.shard(s, xf.Replicate(bucket_mb=bucket_mb))
+    state = s.init(xf.TrainState.create(model(), optimizer=torch.optim.SGD, lr=0.1))
+    for b in data(3, n=24):
+        n = b["x"].shape[0] // size
+        state, _ = s(state, {k: v[rank * n : (rank + 1) * n] for k, v in b.items()})
+    return {k: v.detach().clone() for k, v in state.params.items()}

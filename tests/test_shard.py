@@ -128,3 +128,20 @@ def test_the_buckets_are_reused_unless_a_gradient_is_kept(pool2, strategy, bucke
         assert reused and fresh
         for name in was:
             assert torch.equal(was[name], kept[name]), name
+
+
+@pytest.mark.parametrize("ks", [(3,), (2, 2)])
+def test_accumulated_sums_reach_the_all_reduce_alike_with_or_without_hooks(pool2, ks):
+    """Catches the earlier micro-batches' gradient sums missing from, added twice to, or
+    added in another order to the last micro-batch's gradient when the model fits one
+    bucket (no hooks: the sums are added before the all-reduce), against a model cut into
+    one bucket per tensor (the sums folded in by autograd hooks): bitwise equal params.
+    Nested accumulate: two sums to add."""
+    one = pool2.run(sup.folded_params, ks, 25.0)
+    many = pool2.run(sup.folded_params, ks, 1e-5)
+    for a, b in zip(one, many):
+        for name in a:
+            assert torch.equal(a[name], b[name]), name
+    plain = sup.folded_params(ks, 25.0)  # one process, the whole batch
+    for name in plain:
+        torch.testing.assert_close(one[0][name], plain[name], rtol=1e-5, atol=1e-6)

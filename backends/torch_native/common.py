@@ -12,7 +12,6 @@ import torch.distributed as dist
 
 from xform.core.group import default_group, group_up
 from xform.core.optim import local_part
-from xform.core.primitives import Handler, handlers
 from xform.core.state import TrainState
 
 # torch 2.13 renamed the flat-tensor collectives (the old names warn); older torch has only
@@ -67,11 +66,6 @@ def _global_count(count: Any, group: Any, world: int, device: torch.device) -> A
         t = t.clone()
         dist.all_reduce(t, group=group)
     return float(t)
-
-
-def _inner_at_last_piece(me: Handler) -> bool:
-    stack = handlers()
-    return all(h.at_last_piece() for h in stack[stack.index(me) + 1 :] if h.reduces)
 
 
 def _device_type() -> str:

@@ -11,12 +11,12 @@ import torch.distributed as dist
 
 from xform.core.optim import adopt_opt_state, build_optimizer, local_part, optimizer_step, placeholder_opt_state
 from xform.core.backend import cached, static
-from xform.core.primitives import Handler, Reducer, grad_hook, tracing
+from xform.core.primitives import Handler, Reducer, grad_hook, handlers, tracing
 from xform.core.state import TrainState
 from xform.core.strategies import Replicate, ZeRO
 
 from .common import (
-    _all_gather, _check_fresh, _device_type, _global_count, _inner_at_last_piece, _mesh_group, _reduce_scatter,
+    _all_gather, _check_fresh, _device_type, _global_count, _mesh_group, _reduce_scatter,
     _broadcast_state,
 )
 
@@ -87,6 +87,12 @@ class _Plan:
         self.names = list(names)
         self.n_params, self.first = len(params), next(iter(params))
 
+    def overlaps(self, scatter: bool) -> bool:
+        """Whether gradients are sent as autograd produces them (hooks): with several
+        buckets, or reduce-scattered ones; a single all-reduced bucket has nothing to
+        overlap and is sent after backward."""
+        return len(self.buckets) > 1 or (scatter and any(b and b[0].sharded for b in self.buckets))
+
     def _close(self, entries: list[_Entry]) -> None:
         offset = soffset = 0
         for e in entries:
@@ -119,7 +125,7 @@ class _Comm:
         n = len(plan.buckets)
         self.scattered = [scatter and bool(b) and b[0].sharded for b in plan.buckets]
         self.any_scattered = any(self.scattered)
-        self.hooked = n > 1 or self.any_scattered
+        self.hooked = plan.overlaps(scatter)
         self.dtype, self.device = dtype, device
         # The batch sizes of all processes ride on the last all-reduced bucket: ``world``
         # more elements, this process's size in its own slot, so every process reads every
@@ -255,17 +261,23 @@ class _Comm:
         else:  # the group's own method: dist.all_reduce's Python checks cost ~3% of a small step's CPU
             self.works[i] = self.group.allreduce([self.bufs[i]], self.sum)
 
-    def finish(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def finish(self, grads: dict[str, torch.Tensor], sums: list[dict[str, torch.Tensor]] = ()) -> dict[str, torch.Tensor]:
         """Sends what the hooks did not (all of it without hooks; unused params: zeros),
         waits, and returns the reduced gradients: whole (all-reduce) or this process's rows
-        (reduce-scatter)."""
+        (reduce-scatter). ``sums``: earlier micro-batches' gradient sums (``Reducer.fold``),
+        added to ``grads`` first, in order (as folding hooks would add them)."""
         names = self.plan.names
         if not self.hooked:  # one all-reduced bucket: one call copies every gradient in
-            torch._foreach_copy_(list(self.grads.values()), [grads[k] for k in names])
+            views = list(self.grads.values())
+            torch._foreach_copy_(views, [grads[k] for k in names])
+            for earlier in sums:
+                torch._foreach_add_(views, [earlier[k] for k in names])
             for i in range(len(self.held)):
                 self._launch(i)
             self.next = len(self.held)
         else:
+            for earlier in sums:  # the plan changed since the step began: no folding hooks ran
+                grads = {k: g + earlier[k] for k, g in grads.items()}
             for k in names:
                 if k not in self.seen:
                     self._copy_in(self.plan.entries[k], grads[k])
@@ -329,6 +341,12 @@ class DataParallel:
             plan = self._plan = _Plan(params, names, rank, world, self.strategy.bucket_mb, self.sharded)
         return plan
 
+    def overlaps(self) -> bool:
+        """Whether the gradients go out as autograd produces them (``_Plan.overlaps``); True
+        until the plan is known."""
+        plan = self._plan
+        return plan is None or plan.overlaps(self.scatter)
+
     def comm(self, params: dict[str, torch.Tensor], group: Any) -> _Comm:
         """The gradient communication of ``params``' plan: the one kept from the last
         step when it fits, a fresh one while ``xf.jit`` traces (a graph does not hold
@@ -347,6 +365,7 @@ class DataParallel:
         if group is None:
             return state
         _broadcast_state(state, group)
+        self.plan(state.params)  # known from the first step on: whether it overlaps (see handler)
         if not self.sharded:
             return state
         return _shard_opt_state(state, self.plan(state.params), self.mesh)
@@ -412,26 +431,31 @@ class _DataParallelHandler(Reducer):
             gradient all-reduce (see ``_Comm``), and ``sizes`` holds every process's after.
     """
 
-    overlaps = True
-
     def __init__(self, layout: DataParallel, group: Any, world: int):
         super().__init__()
         self.layout, self.group, self.pieces = layout, group, world
+        # With hooks, an inner accumulate folds its sums into the gradients in hooks of
+        # its own; without, it hands them over (``fold``) and they are added here.
+        self.overlaps = layout.overlaps()
         self.reduced = False
         self.rows: int | None = None
         self.sizes: torch.Tensor | None = None
 
     def value_and_grad(self, fn, params, has_aux, next):
-        if not _inner_at_last_piece(self):  # accumulate: communicate only on the last micro-batch
+        if not self.last_piece_inside():  # accumulate: communicate only on the last micro-batch
             return next(fn, params, has_aux)
         comm = self._comm(params)
-        comm.install(params)
+        hooked = self.overlaps and comm.hooked
+        if hooked:
+            comm.install(params)
         try:
             value, grads = next(fn, params, has_aux)
         finally:
-            comm.remove()
+            if hooked:
+                comm.remove()
         self.reduced = True
-        grads = comm.finish(grads)
+        sums = () if self.overlaps else _earlier_sums(self)
+        grads = comm.finish(grads, sums)
         self.sizes = comm.sizes
         return value, grads
 
@@ -447,6 +471,18 @@ class _DataParallelHandler(Reducer):
             grads = comm.finish(grads)
             self.sizes = comm.sizes
         return next(state, grads, _global_count(count, self.group, self.pieces, static(state).device))
+
+
+def _earlier_sums(me: Handler) -> list[dict[str, torch.Tensor]]:
+    """The earlier micro-batches' gradient sums of the reducers inside ``me``, innermost first."""
+    stack = handlers()
+    out = []
+    for h in reversed(stack[stack.index(me) + 1 :]):
+        if h.reduces:
+            earlier = h.fold()
+            if earlier is not None:
+                out.append(earlier)
+    return out
 
 
 def _local_grads(layout: DataParallel, plan: _Plan, grads: dict[str, torch.Tensor]) -> list[torch.Tensor]:

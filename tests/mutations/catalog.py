@@ -367,4 +367,22 @@ MUTATIONS: tuple[Mutation, ...] = (
         bug="replicate/zero: every step allocates its gradient buckets afresh (on CPU, a page fault "
         "per page of a large bucket, each step)",
     ),
+    Mutation(
+        name="nested_accumulate_folds_into_every_inner_micro_batch",
+        path="xform/transforms/accumulate.py",
+        find="or self.micro != self.pieces - 1 or not self.last_piece_inside():",
+        replace="or self.micro != self.pieces - 1:",
+        tests=("tests/test_shard.py::test_accumulated_sums_reach_the_all_reduce_alike_with_or_without_hooks",),
+        bug="shard(accumulate(accumulate(step, 2), 2)) with hooks: the outer sums are folded into every "
+        "micro-batch of the inner accumulate's last round, not once: counted twice",
+    ),
+    Mutation(
+        name="folded_sums_applied_again",
+        path="xform/transforms/accumulate.py",
+        find="        self.folded = True\n        return dict(zip(self.names, self.grads))",
+        replace="        return dict(zip(self.names, self.grads))",
+        tests=("tests/test_shard.py::test_accumulated_sums_reach_the_all_reduce_alike_with_or_without_hooks",),
+        bug="shard(accumulate(step, k)) on a model of one bucket: the earlier micro-batches' sums, already "
+        "added before the all-reduce, are added again by accumulate",
+    ),
 )

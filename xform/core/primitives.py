@@ -101,6 +101,19 @@ class Reducer(Handler):
         """Whether the gradient being computed is this reducer's last piece."""
         return True
 
+    def last_piece_inside(self) -> bool:
+        """Whether every reducer installed inside this one is at its last piece: the
+        gradient being computed is the last this reducer gets in this call."""
+        stack = _HANDLERS.get().handlers
+        return all(h.at_last_piece() for h in stack[stack.index(self) + 1 :] if h.reduces)
+
+    def fold(self) -> dict[str, torch.Tensor] | None:
+        """For an outer reducer that sends this last piece's gradient itself, without
+        hooks: the sums of the earlier pieces' gradients, by name, which it adds before
+        sending (the gradient then passes through this reducer's ``apply_gradients`` as
+        it is); None when there is nothing to add."""
+        return None
+
     def take_count(self, count: Any) -> Any:
         """The count of the gradients now entering ``apply_gradients``."""
         if count is None:

@@ -48,6 +48,12 @@ class _Handler(Reducer):
     def at_last_piece(self) -> bool:
         return self.micro == self.pieces - 1
 
+    def fold(self) -> dict[str, torch.Tensor] | None:
+        if self.grads is None or self.micro != self.pieces - 1:
+            return None
+        self.folded = True
+        return dict(zip(self.names, self.grads))
+
     def apply_gradients(self, state, grads, count, next):
         self.calls += 1
         if self.calls > 1:
@@ -75,8 +81,14 @@ class _FoldingHandler(_Handler):
     is the whole batch's gradient (and it sends only once). Without such a reducer the
     plain handler has no ``value_and_grad`` of its own, and that primitive skips it."""
 
+    def fold(self) -> None:
+        return None  # its hooks fold the sums
+
     def value_and_grad(self, fn, params, has_aux, next):
-        if self.grads is None or self.micro != self.pieces - 1:
+        # only the gradient that is the last piece of every accumulate inside this one too
+        # (a nested accumulate runs several in this one's last micro-batch): the outer
+        # reducer sends that one, once
+        if self.grads is None or self.micro != self.pieces - 1 or not self.last_piece_inside():
             return next(fn, params, has_aux)
         hooks = [grad_hook(params[k], functools.partial(_fold, acc)) for k, acc in zip(self.names, self.grads)]
         self.folded = True
