@@ -32,6 +32,10 @@ after each micro-batch. "after" counts the collectives of the
 step issued outside its micro-batches. The second step is counted (the first one also
 creates the optimizer state). DDP is not counted: its reducer calls c10d from C++.
 
+``--micro K`` times steps of K micro-batches of ``--batch`` rows each:
+``xf.shard(xf.accumulate(step, K), "replicate")`` against DDP accumulating under
+``no_sync()`` on all but the last micro-batch (its documented way).
+
 ``--dims 64x101`` times a model of 100 small layers instead (200 parameter tensors, 0.4M
 params): there the cost per parameter tensor (xform's Python autograd hooks against DDP's
 C++ reducer) dominates the communication. ``--dims lenet --batch 4``: LeNet-5 on 28x28
@@ -105,7 +109,7 @@ xform_step = mse_step
 # --- timing ---------------------------------------------------------------------------------
 
 
-def _ddp_runner(bucket_mb: float | None, dims: tuple[int, ...]):
+def _ddp_runner(bucket_mb: float | None, dims: tuple[int, ...], micro: int = 1):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     model = DDP(mlp(dims), bucket_cap_mb=bucket_mb)  # None: DDP's default, 25 MB with a 1 MB first bucket
@@ -114,7 +118,14 @@ def _ddp_runner(bucket_mb: float | None, dims: tuple[int, ...]):
     def run(batch):
         x, y = batch
         opt.zero_grad(set_to_none=True)
-        F.mse_loss(model(x), y).backward()
+        if micro == 1:
+            F.mse_loss(model(x), y).backward()
+        else:  # accumulation as DDP's documentation has it: no_sync on all but the last micro-batch
+            xs, ys = x.chunk(micro), y.chunk(micro)
+            with model.no_sync():
+                for i in range(micro - 1):
+                    (F.mse_loss(model(xs[i]), ys[i]) / micro).backward()
+            (F.mse_loss(model(xs[-1]), ys[-1]) / micro).backward()
         opt.step()
 
     def layout():  # bucket sizes in MB (DDP rebuilds its buckets after the first step)
@@ -125,10 +136,10 @@ def _ddp_runner(bucket_mb: float | None, dims: tuple[int, ...]):
     return run, lambda: {k: v.detach() for k, v in model.module.named_parameters()}, layout
 
 
-def _xform_runner(bucket_mb: float, dims: tuple[int, ...]):
+def _xform_runner(bucket_mb: float, dims: tuple[int, ...], micro: int = 1):
     from xform.backends.torch_native.data_parallel import _Plan
 
-    step = xf.shard(xform_step, xf.Replicate(bucket_mb=bucket_mb))
+    step = xf.shard(xf.accumulate(xform_step, micro), xf.Replicate(bucket_mb=bucket_mb))
     box = [step.init(xf.TrainState.create(mlp(dims), optimizer=torch.optim.AdamW, lr=1e-3))]
 
     def run(batch):
@@ -155,9 +166,11 @@ def _name(kind: str, mb: float | None) -> str:
     return f"{kind} " + ("default" if mb is None else f"{mb:g} MB")
 
 
-def time_worker(rounds: int, steps: int, warmup: int, variants: list[tuple[str, float | None]], dims, n: int) -> dict:
-    batch = batch_for(dist.get_rank(), dims, n)
-    runners = {_name(kind, mb): (_ddp_runner if kind == "ddp" else _xform_runner)(mb, dims) for kind, mb in variants}
+def time_worker(
+    rounds: int, steps: int, warmup: int, variants: list[tuple[str, float | None]], dims, n: int, micro: int = 1
+) -> dict:
+    batch = batch_for(dist.get_rank(), dims, n * micro)
+    runners = {_name(kind, mb): (_ddp_runner if kind == "ddp" else _xform_runner)(mb, dims, micro) for kind, mb in variants}
     for run, _, _ in runners.values():
         for _ in range(warmup):
             run(batch)
@@ -258,6 +271,11 @@ def main() -> None:
     parser.add_argument("--ddp-buckets", default="default,2", help="DDP bucket_cap_mb values ('default': DDP's own)")
     parser.add_argument("--buckets", default="25,2", help="xform Replicate(bucket_mb=...) values")
     parser.add_argument("--accumulate", type=int, default=4, help="k for the collective counts")
+    parser.add_argument(
+        "--micro", type=int, default=1,
+        help="time steps of MICRO micro-batches of --batch rows: xf.shard(xf.accumulate(step, MICRO)) against DDP "
+        "with no_sync on all but the last",
+    )
     parser.add_argument("--no-timing", action="store_true")
     parser.add_argument("--no-counts", action="store_true")
     parser.add_argument("--profile", action="store_true", help="cProfile DDP's and xform's steps on rank 0")
@@ -280,13 +298,14 @@ def main() -> None:
             print(
                 f"{'LeNet-5' if dims == 'lenet' else 'MLP ' + args.dims} ({n_params / 1e6:.2f}M params in {n_tensors} "
                 f"tensors, {n_params * 4 / 2**20:.1f} MiB of fp32 grads), "
-                f"batch {args.batch}/process, AdamW foreach, 2 gloo processes x 1 thread"
+                f"batch {args.batch}/process" + (f" x {args.micro} micro-batches (accumulate; DDP: no_sync)" if args.micro > 1 else "")
+                + ", AdamW foreach, 2 gloo processes x 1 thread"
             )
             print(
                 f"{args.rounds} interleaved rounds x {args.steps} steps after {args.warmup} warm-up steps; "
                 "per-round ms/step of the slower rank"
             )
-            res = pool.run(time_worker, args.rounds, args.steps, args.warmup, variants, dims, args.batch)
+            res = pool.run(time_worker, args.rounds, args.steps, args.warmup, variants, dims, args.batch, args.micro)
             names = list(res[0]["times"])
             per_round = {n: [max(r["times"][n][i] for r in res) for i in range(args.rounds)] for n in names}
             cpu_round = {n: [sum(r["cpu"][n][i] for r in res) / len(res) for i in range(args.rounds)] for n in names}

@@ -16,9 +16,9 @@ NUM = r"\d+\.\d+"
 SPREAD = rf"{NUM} \[{NUM}, {NUM}\]"  # median [q1, q3]
 
 
-def run_quick(script: str) -> str:
+def run_quick(script: str, *args: str) -> str:
     proc = subprocess.run(
-        [sys.executable, "-W", "ignore", str(ROOT / "bench" / script), "--quick"],
+        [sys.executable, "-W", "ignore", str(ROOT / "bench" / script), "--quick", *args],
         cwd=ROOT, capture_output=True, text=True, timeout=180,
     )
     assert proc.returncode == 0, f"bench/{script} --quick failed:\n{proc.stdout}\n{proc.stderr}"
@@ -143,3 +143,16 @@ def test_offload_prints_inference_ratios_against_accelerate_and_training_rows():
     for v in ("plain", 'offload(optimizer="disk")', 'offload(params="disk")', 'offload(params="disk", optimizer="disk")'):
         row = [line for line in lines if line.startswith(v + " ")]
         assert len(row) == 1 and re.search(rf"{SPREAD}\s+{SPREAD}\s+{NUM}\s+{NUM}\s+{NUM}$", row[0]), (v, lines)
+
+
+def test_ddp_times_accumulation_against_no_sync_with_equal_weights():
+    """Catches the --micro runners timing different work: DDP's no_sync accumulation and
+    shard(accumulate) must train the same weights (the max|w-w0| column is 0 or rounding),
+    so a skipped or repeated micro-batch on either side shows. (The bench's AdamW would
+    hide a wrong gradient scale; the shard properties check that, with SGD.)"""
+    out = run_quick("ddp.py", "--micro", "2", "--no-counts", "--dims", "lenet", "--batch", "4")
+    assert "x 2 micro-batches (accumulate; DDP: no_sync)" in out, out
+    rows = [line for line in out.splitlines() if line.startswith(("ddp ", "xform "))]
+    assert len(rows) == 4, out
+    for row in rows:  # ... max|w-w0|  [bucket sizes]
+        assert float(re.search(r"(\S+)\s+\[[^\]]*\]$", row)[1]) < 1e-6, row
