@@ -134,7 +134,10 @@ class _Comm:
         self.tail = None
         if dtype in (torch.float32, torch.float64):
             self.tail = next((i for i in reversed(range(n)) if not self.scattered[i]), None)
-        self.fns = {k: functools.partial(self._hook, k) for k in plan.names}
+        self.counts = [len(b) for b in plan.buckets]  # gradients per bucket
+        self.bucket_of = {k: plan.entries[k].bucket for k in plan.names}
+        hook = self._hook if self.any_scattered else self._hook_whole
+        self.fns = {k: functools.partial(hook, k) for k in plan.names}
         # Where each gradient lies, in the params' order: (name, bucket, start, stop, shape)
         # in the bucket's memory: the whole param (all-reduce) or this process's rows
         # (reduce-scatter).
@@ -244,12 +247,24 @@ class _Comm:
             return torch.zeros((), dtype=g.dtype, device=g.device).expand(g.shape)  # free the full gradient
         return self.grads[name]
 
+    def _hook_whole(self, name: str, g: torch.Tensor) -> torch.Tensor:
+        """``_hook`` where every bucket is all-reduced: the gradient copied into its place
+        in the bucket, which goes out once full (and all before it are)."""
+        view = self.grads[name]
+        view.copy_(g)
+        self.seen.add(name)
+        i = self.bucket_of[name]
+        self.filled[i] += 1
+        if i == self.next and self.filled[i] == self.counts[i]:
+            self._launch_ready()
+        return view
+
     def _launch_ready(self) -> None:
         if self.any_scattered:
             for i in range(self.next):  # drop send buffers whose reduce-scatter is done
                 if self.scattered[i] and self.bufs[i] is not None and self.works[i].is_completed():
                     self.bufs[i] = None
-        while self.next < len(self.bufs) and self.filled[self.next] == len(self.plan.buckets[self.next]):
+        while self.next < len(self.bufs) and self.filled[self.next] == self.counts[self.next]:
             self._launch(self.next)
             self.next += 1
 

@@ -52,11 +52,20 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         name="replicate_counts_every_gradient_into_the_first_bucket",
         path="backends/torch_native/data_parallel.py",
-        find="self.filled[e.bucket] += 1",
-        replace="self.filled[0] += 1",
+        find="        i = self.bucket_of[name]\n        self.filled[i] += 1",
+        replace="        i = self.bucket_of[name]\n        self.filled[0] += 1",
         tests=(f"{SHARD}::test_sgd_mean_loss_in_many_buckets_equals_single_process[replicate]",),
         bug="replicate: a gradient is counted into the wrong bucket, so buckets after the first "
         "are never sent",
+    ),
+    Mutation(
+        name="zero2_counts_every_gradient_into_the_first_bucket",
+        path="backends/torch_native/data_parallel.py",
+        find="self.filled[e.bucket] += 1",
+        replace="self.filled[0] += 1",
+        tests=(f"{SHARD}::test_sgd_mean_loss_in_many_buckets_equals_single_process[zero2]",),
+        bug="zero2: a gradient is counted into the wrong bucket, so buckets after the first "
+        "are never reduce-scattered",
     ),
     Mutation(
         name="gradient_sum_not_divided_by_world_size",
