@@ -125,7 +125,7 @@ class _Comm:
         n = len(plan.buckets)
         self.scattered = [scatter and bool(b) and b[0].sharded for b in plan.buckets]
         self.any_scattered = any(self.scattered)
-        self.hooked = plan.overlaps(scatter)
+        self.hooked = plan.overlaps(scatter)  # else one bucket: copied in after backward
         self.dtype, self.device = dtype, device
         # The batch sizes of all processes ride on the last all-reduced bucket: ``world``
         # more elements, this process's size in its own slot, so every process reads every
@@ -171,6 +171,7 @@ class _Comm:
         self.works: list[Any] = [None] * n
         self.next = 0
         self.seen: set[str] = set()
+        self.sums: list[dict[str, torch.Tensor]] = []  # earlier micro-batches' gradient sums (Reducer.fold)
         self.hooks: list[Any] = []
 
     def _allocate(self, i: int) -> None:
@@ -206,6 +207,7 @@ class _Comm:
         self.works = [None] * n
         self.next = 0
         self.seen = set()
+        self.sums: list[dict[str, torch.Tensor]] = []
         self.sizes = None
         if self.tail_view is not None:
             self.tail_view.zero_()
@@ -241,23 +243,34 @@ class _Comm:
 
     def _hook(self, name: str, g: torch.Tensor):
         e = self.plan.entries[name]
-        self._copy_in(e, g)
+        self._copy_in(e, self._plus_sums(name, g))
         self._launch_ready()
         if self.scattered[e.bucket]:
             return torch.zeros((), dtype=g.dtype, device=g.device).expand(g.shape)  # free the full gradient
         return self.grads[name]
 
     def _hook_whole(self, name: str, g: torch.Tensor) -> torch.Tensor:
-        """``_hook`` where every bucket is all-reduced: the gradient copied into its place
-        in the bucket, which goes out once full (and all before it are)."""
+        """``_hook`` where every bucket is all-reduced: the gradient (plus the earlier
+        micro-batches' sums) written into its place in the bucket, which goes out once
+        full (and all before it are)."""
         view = self.grads[name]
-        view.copy_(g)
+        if self.sums:
+            torch.add(g, self.sums[0][name], out=view)
+            for earlier in self.sums[1:]:
+                view.add_(earlier[name])
+        else:
+            view.copy_(g)
         self.seen.add(name)
         i = self.bucket_of[name]
         self.filled[i] += 1
         if i == self.next and self.filled[i] == self.counts[i]:
             self._launch_ready()
         return view
+
+    def _plus_sums(self, name: str, g: torch.Tensor) -> torch.Tensor:
+        for earlier in self.sums:  # in order, innermost accumulate first, as one hook after another
+            g = g + earlier[name]
+        return g
 
     def _launch_ready(self) -> None:
         if self.any_scattered:
@@ -276,26 +289,23 @@ class _Comm:
         else:  # the group's own method: dist.all_reduce's Python checks cost ~3% of a small step's CPU
             self.works[i] = self.group.allreduce([self.bufs[i]], self.sum)
 
-    def finish(self, grads: dict[str, torch.Tensor], sums: list[dict[str, torch.Tensor]] = ()) -> dict[str, torch.Tensor]:
+    def finish(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Sends what the hooks did not (all of it without hooks; unused params: zeros),
-        waits, and returns the reduced gradients: whole (all-reduce) or this process's rows
-        (reduce-scatter). ``sums``: earlier micro-batches' gradient sums (``Reducer.fold``),
-        added to ``grads`` first, in order (as folding hooks would add them)."""
+        plus the earlier micro-batches' sums, waits, and returns the reduced gradients:
+        whole (all-reduce) or this process's rows (reduce-scatter)."""
         names = self.plan.names
         if not self.hooked:  # one all-reduced bucket: one call copies every gradient in
             views = list(self.grads.values())
             torch._foreach_copy_(views, [grads[k] for k in names])
-            for earlier in sums:
+            for earlier in self.sums:
                 torch._foreach_add_(views, [earlier[k] for k in names])
             for i in range(len(self.held)):
                 self._launch(i)
             self.next = len(self.held)
         else:
-            for earlier in sums:  # the plan changed since the step began: no folding hooks ran
-                grads = {k: g + earlier[k] for k, g in grads.items()}
             for k in names:
                 if k not in self.seen:
-                    self._copy_in(self.plan.entries[k], grads[k])
+                    self._copy_in(self.plan.entries[k], self._plus_sums(k, grads[k]))
             self._launch_ready()
         for w in self.works:
             w.wait()
@@ -356,12 +366,6 @@ class DataParallel:
             plan = self._plan = _Plan(params, names, rank, world, self.strategy.bucket_mb, self.sharded)
         return plan
 
-    def overlaps(self) -> bool:
-        """Whether the gradients go out as autograd produces them (``_Plan.overlaps``); True
-        until the plan is known."""
-        plan = self._plan
-        return plan is None or plan.overlaps(self.scatter)
-
     def comm(self, params: dict[str, torch.Tensor], group: Any) -> _Comm:
         """The gradient communication of ``params``' plan: the one kept from the last
         step when it fits, a fresh one while ``xf.jit`` traces (a graph does not hold
@@ -380,7 +384,6 @@ class DataParallel:
         if group is None:
             return state
         _broadcast_state(state, group)
-        self.plan(state.params)  # known from the first step on: whether it overlaps (see handler)
         if not self.sharded:
             return state
         return _shard_opt_state(state, self.plan(state.params), self.mesh)
@@ -449,9 +452,6 @@ class _DataParallelHandler(Reducer):
     def __init__(self, layout: DataParallel, group: Any, world: int):
         super().__init__()
         self.layout, self.group, self.pieces = layout, group, world
-        # With hooks, an inner accumulate folds its sums into the gradients in hooks of
-        # its own; without, it hands them over (``fold``) and they are added here.
-        self.overlaps = layout.overlaps()
         self.reduced = False
         self.rows: int | None = None
         self.sizes: torch.Tensor | None = None
@@ -460,17 +460,14 @@ class _DataParallelHandler(Reducer):
         if not self.last_piece_inside():  # accumulate: communicate only on the last micro-batch
             return next(fn, params, has_aux)
         comm = self._comm(params)
-        hooked = self.overlaps and comm.hooked
-        if hooked:
-            comm.install(params)
+        comm.sums = _earlier_sums(self)  # an inner accumulate's: added to each gradient before it goes out
+        comm.install(params)
         try:
             value, grads = next(fn, params, has_aux)
         finally:
-            if hooked:
-                comm.remove()
+            comm.remove()
         self.reduced = True
-        sums = () if self.overlaps else _earlier_sums(self)
-        grads = comm.finish(grads, sums)
+        grads = comm.finish(grads)
         self.sizes = comm.sizes
         return value, grads
 

@@ -377,13 +377,13 @@ MUTATIONS: tuple[Mutation, ...] = (
         "per page of a large bucket, each step)",
     ),
     Mutation(
-        name="nested_accumulate_folds_into_every_inner_micro_batch",
-        path="xform/transforms/accumulate.py",
-        find="or self.micro != self.pieces - 1 or not self.last_piece_inside():",
-        replace="or self.micro != self.pieces - 1:",
+        name="bucket_hook_ignores_the_earlier_sums",
+        path="backends/torch_native/data_parallel.py",
+        find="        if self.sums:\n            torch.add(g, self.sums[0][name], out=view)",
+        replace="        if False:\n            torch.add(g, self.sums[0][name], out=view)",
         tests=("tests/test_shard.py::test_accumulated_sums_reach_the_all_reduce_alike_with_or_without_hooks",),
-        bug="shard(accumulate(accumulate(step, 2), 2)) with hooks: the outer sums are folded into every "
-        "micro-batch of the inner accumulate's last round, not once: counted twice",
+        bug="shard(accumulate(step, k)) over several buckets: the hooks send the last micro-batch's "
+        "gradient without the earlier micro-batches' sums",
     ),
     Mutation(
         name="folded_sums_applied_again",

@@ -43,7 +43,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Handler", "Reducer", "apply", "value_and_grad", "installed", "dispatch", "rng_salt", "rng_guard", "grad_hook",
-    "overlapping",
     "Trace", "tracing",
 ]
 
@@ -91,7 +90,6 @@ class Reducer(Handler):
 
     reduces = True
     pieces = 1
-    overlaps = False  # wants each gradient as autograd produces it (communication hooks)
 
     def __init__(self) -> None:
         self.pending: Any = None  # count recorded by value_and_grad, not yet passed on
@@ -108,10 +106,11 @@ class Reducer(Handler):
         return all(h.at_last_piece() for h in stack[stack.index(self) + 1 :] if h.reduces)
 
     def fold(self) -> dict[str, torch.Tensor] | None:
-        """For an outer reducer that sends this last piece's gradient itself, without
-        hooks: the sums of the earlier pieces' gradients, by name, which it adds before
-        sending (the gradient then passes through this reducer's ``apply_gradients`` as
-        it is); None when there is nothing to add."""
+        """For an outer reducer that sends this last piece's gradient itself (``shard``'s
+        buckets, as autograd produces each gradient): the sums of the earlier pieces'
+        gradients, by name, which it adds before sending (the gradient then passes
+        through this reducer's ``apply_gradients`` as it is); None when there is nothing
+        to add."""
         return None
 
     def take_count(self, count: Any) -> Any:
@@ -133,7 +132,7 @@ class _Stack:
     The chains are built on a primitive's first dispatch under this stack and reused by
     every later one (each micro-batch of ``accumulate``): no per-call allocation."""
 
-    __slots__ = ("handlers", "chains", "reducers", "uses_backward", "overlaps", "kept", "rescales")
+    __slots__ = ("handlers", "chains", "reducers", "uses_backward", "kept", "rescales")
 
     def __init__(self, handlers: tuple[Handler, ...], kept: bool = False):
         self.handlers = handlers
@@ -141,7 +140,6 @@ class _Stack:
         self.chains: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {}  # name -> (base, entry)
         self.reducers = tuple(h for h in handlers if h.reduces)
         self.uses_backward = any(h.uses_backward for h in handlers)
-        self.overlaps = any(h.overlaps for h in self.reducers)  # a reducer communicates each gradient
         self.rescales = any(type(h).objective is not Handler.objective for h in handlers)  # overrides objective
 
     def chain(self, name: str, base: Callable[..., Any]) -> Callable[..., Any]:
@@ -219,12 +217,6 @@ class installed:
 def handlers() -> tuple[Handler, ...]:
     """The installed handlers, outermost first."""
     return _HANDLERS.get().handlers
-
-
-def overlapping() -> bool:
-    """Whether an installed reducer takes each gradient as autograd produces it
-    (``Reducer.overlaps``: shard's communication hooks)."""
-    return _HANDLERS.get().overlaps
 
 
 def dispatch(name: str, base: Callable[..., Any], *args: Any) -> Any:
@@ -512,8 +504,9 @@ def value_and_grad(fn: Callable[..., Any], *, has_aux: bool = False) -> Callable
 
 
 # --- gradient hooks that also see unused params ------------------------------------------
-# Handlers that act on each gradient as autograd produces it (accumulate folds in the earlier
-# micro-batches' sums, shard fills its buckets) register through ``grad_hook``. Autograd runs
+# Handlers that act on each gradient as autograd produces it (shard fills its buckets, adding
+# an inner accumulate's earlier sums; offload releases a streamed parameter) register
+# through ``grad_hook``. Autograd runs
 # no hook for a parameter the loss does not use; ``value_and_grad``'s base then runs that
 # parameter's hooks, in order, on the zero gradient it reports, so a parameter unused by
 # one micro-batch or one process is treated exactly like a used one with a zero gradient.

@@ -10,7 +10,6 @@ meaning (see ``xform.transforms.mixed_precision``); ``accumulate(mixed_precision
 from __future__ import annotations
 
 import fractions
-import functools
 from collections.abc import Mapping
 from typing import Any, Callable
 
@@ -19,7 +18,7 @@ import torch
 
 from xform import tree
 from xform.core.mean import Mean
-from xform.core.primitives import Reducer, grad_hook, installed, overlapping, rng_guard
+from xform.core.primitives import Reducer, installed, rng_guard
 from xform.core.state import TrainState
 from xform.core.transform import check_result, check_step, commuting, transforms_of, wrap
 
@@ -74,31 +73,6 @@ class _Handler(Reducer):
         return next(state, dict(zip(self.names, self.grads)), self.count)
 
 
-class _FoldingHandler(_Handler):
-    """The handler under an outer reducer that communicates each gradient as autograd
-    produces it (``shard``'s overlapping buckets): at the last micro-batch it folds the
-    sums of the earlier ones into the gradients as they flow, so that what the reducer sends
-    is the whole batch's gradient (and it sends only once). Without such a reducer the
-    plain handler has no ``value_and_grad`` of its own, and that primitive skips it."""
-
-    def fold(self) -> None:
-        return None  # its hooks fold the sums
-
-    def value_and_grad(self, fn, params, has_aux, next):
-        # only the gradient that is the last piece of every accumulate inside this one too
-        # (a nested accumulate runs several in this one's last micro-batch): the outer
-        # reducer sends that one, once
-        if self.grads is None or self.micro != self.pieces - 1 or not self.last_piece_inside():
-            return next(fn, params, has_aux)
-        hooks = [grad_hook(params[k], functools.partial(_fold, acc)) for k, acc in zip(self.names, self.grads)]
-        self.folded = True
-        try:
-            return next(fn, params, has_aux)
-        finally:
-            for h in hooks:
-                h.remove()
-
-
 def _metrics_mismatch(metrics: list[Any]) -> ValueError | None:
     """The error for metrics whose structure differs between micro-batches, naming the
     first that differs; None when they all agree (the failure was something else)."""
@@ -118,10 +92,6 @@ def _is_mean(x: Any) -> bool:
 
 def _shape_of(metrics: Any) -> str:
     return repr(sorted(metrics, key=repr)) if isinstance(metrics, dict) else type(metrics).__name__
-
-
-def _fold(acc: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    return grad + acc
 
 
 def _add_counts(a: Any, b: Any, memo: dict[Any, fractions.Fraction]) -> Any:
@@ -186,14 +156,11 @@ def accumulate(step: Callable[..., Any], steps: int):
     inner = step if commuted is None else commuted[0]
     # what a bad result of `inner` is blamed on: the innermost transform as written
     blame = "accumulate" if commuted is None else transforms_of(step).applied[-1].name
-    # a handler not in use, reused by the next call (none while one runs); one pool per kind
-    pools: dict[type[_Handler], list[_Handler]] = {_Handler: [], _FoldingHandler: []}
+    free: list[_Handler] = []  # a handler not in use, reused by the next call (none while one runs)
 
     def call(state: TrainState, batch: Any):
         micro_batches = split_batch("accumulate", batch, steps)
-        kind = _FoldingHandler if overlapping() else _Handler
-        free = pools[kind]
-        handler = free.pop() if free else kind(steps)  # atomic: a concurrent call makes its own
+        handler = free.pop() if free else _Handler(steps)  # atomic: a concurrent call makes its own
         metrics = []
         try:
             with installed(handler, reused=True), rng_guard(state._runtime("accumulate").generator) as rng:
