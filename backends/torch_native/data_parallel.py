@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from xform.core.optim import adopt_opt_state, build_optimizer, local_part, optimizer_step, placeholder_opt_state
 from xform.core.backend import cached, static
-from xform.core.primitives import Handler, Reducer, grad_hook, handlers, tracing
+from xform.core.primitives import Handler, Reducer, handlers, tracing
 from xform.core.state import TrainState
 from xform.core.strategies import Replicate, ZeRO
 
@@ -218,7 +218,7 @@ class _Comm:
     def install(self, params: dict[str, torch.Tensor]) -> None:
         if self.hooked:
             fns = self.fns
-            self.hooks = [grad_hook(params[k], fns[k]) for k in self.plan.names]
+            self.hooks = [params[k].register_hook(fns[k]) for k in self.plan.names]
 
     def remove(self) -> None:
         for h in self.hooks:

@@ -236,13 +236,22 @@ MUTATIONS: tuple[Mutation, ...] = (
         bug="DataLoader over an IterableDataset: every rank gets the first slice of each global batch",
     ),
     Mutation(
-        name="unused_parameter_skips_its_hooks",
-        path="xform/core/primitives.py",
-        find="for fn in list(param.__dict__.get(_HOOKS_ATTR, ())):",
-        replace="for fn in ():",
+        name="unused_parameter_loses_the_earlier_sums",
+        path="backends/torch_native/data_parallel.py",
+        find="self._copy_in(self.plan.entries[k], self._plus_sums(k, grads[k]))",
+        replace="self._copy_in(self.plan.entries[k], grads[k])",
+        tests=("tests/test_hostile.py::test_an_expert_used_only_by_an_earlier_micro_batch_keeps_its_gradient[zero2]",),
+        bug="shard(accumulate(f)) with hooks: a parameter the last micro-batch does not use (no hook runs) "
+        "is sent without the earlier micro-batches' sums (a routed expert trains as if it had no gradient)",
+    ),
+    Mutation(
+        name="one_bucket_sent_without_the_earlier_sums",
+        path="backends/torch_native/data_parallel.py",
+        find="            for earlier in self.sums:\n                torch._foreach_add_(views",
+        replace="            for earlier in ():\n                torch._foreach_add_(views",
         tests=("tests/test_hostile.py::test_an_expert_used_only_by_an_earlier_micro_batch_keeps_its_gradient[replicate]",),
-        bug="shard(accumulate(f)): a parameter the last micro-batch does not use loses the earlier "
-        "micro-batches' gradient sums (a routed expert trains as if it had no gradient)",
+        bug="shard(accumulate(f)) on a model of one bucket: the last micro-batch's gradient is sent "
+        "without the earlier micro-batches' sums",
     ),
     Mutation(
         name="jit_update_reaches_params_on_a_nan_batch",

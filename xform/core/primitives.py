@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from xform.core.state import TrainState
 
 __all__ = [
-    "Handler", "Reducer", "apply", "value_and_grad", "installed", "dispatch", "rng_salt", "rng_guard", "grad_hook",
+    "Handler", "Reducer", "apply", "value_and_grad", "installed", "dispatch", "rng_salt", "rng_guard",
     "Trace", "tracing",
 ]
 
@@ -503,51 +503,6 @@ def value_and_grad(fn: Callable[..., Any], *, has_aux: bool = False) -> Callable
     return value_and_grad_fn
 
 
-# --- gradient hooks that also see unused params ------------------------------------------
-# Handlers that act on each gradient as autograd produces it (shard fills its buckets, adding
-# an inner accumulate's earlier sums; offload releases a streamed parameter) register
-# through ``grad_hook``. Autograd runs
-# no hook for a parameter the loss does not use; ``value_and_grad``'s base then runs that
-# parameter's hooks, in order, on the zero gradient it reports, so a parameter unused by
-# one micro-batch or one process is treated exactly like a used one with a zero gradient.
-
-_HOOKS_ATTR = "_xform_grad_hooks"  # on the parameter, while hooks are registered: the tensor's own state
-
-
-class _GradHook:
-    """A hook registered by ``grad_hook``; ``remove()`` takes it off the tensor."""
-
-    __slots__ = ("handle", "param", "fn")
-
-    def __init__(self, handle: Any, param: torch.Tensor, fn: Callable[..., Any]):
-        self.handle, self.param, self.fn = handle, param, fn
-
-    def remove(self) -> None:
-        self.handle.remove()
-        fns = self.param.__dict__.get(_HOOKS_ATTR)
-        if fns is not None:
-            if self.fn in fns:
-                fns.remove(self.fn)
-            if not fns:
-                del self.param.__dict__[_HOOKS_ATTR]
-
-
-def grad_hook(param: torch.Tensor, fn: Callable[[torch.Tensor], Any]) -> _GradHook:
-    """``param.register_hook(fn)``, and ``fn`` also runs on the zero gradient that
-    ``value_and_grad`` reports for ``param`` when the loss does not use it."""
-    param.__dict__.setdefault(_HOOKS_ATTR, []).append(fn)
-    return _GradHook(param.register_hook(fn), param, fn)
-
-
-def _unused_grad(param: torch.Tensor) -> torch.Tensor:
-    g = torch.zeros_like(param)
-    for fn in list(param.__dict__.get(_HOOKS_ATTR, ())):
-        out = fn(g)
-        if out is not None:
-            g = out
-    return g
-
-
 def _value_and_grad_base(fn, params, has_aux):
     # the apply calls inside count from 0: the enclosing frame's count set aside (a fresh
     # frame with its salt, without making one), or a frame of its own outside any
@@ -606,7 +561,8 @@ def _value_and_grad_base(fn, params, has_aux):
         raise ValueError(_NO_GRAD_FN_ERROR) from None
     if seed is not None and seed._version:  # a custom backward wrote into it: not reused
         _forget_seed(stack.reducers[-1].memo, seed)
-    grads = {k: (g if g is not None else _unused_grad(params[k])) for k, g in zip(names, found)}
+    # a parameter the loss does not use: a zero gradient (shard sends it with the rest)
+    grads = {k: (g if g is not None else torch.zeros_like(params[k])) for k, g in zip(names, found)}
     value = _value(loss)
     return ((value, aux) if has_aux else value), grads
 

@@ -56,7 +56,7 @@ from typing import Any, Callable
 
 import torch
 
-from xform.core.primitives import Handler, grad_hook, installed, tracing
+from xform.core.primitives import Handler, installed, tracing
 from xform.core.state import TrainState
 from xform.core.strategies import Replicate
 from xform.core.transform import check_step, transforms_of, wrap
@@ -363,7 +363,7 @@ class _Handler(Handler):
     def value_and_grad(self, fn, params, has_aux, next):
         if self.settings.params != "disk":
             return next(fn, params, has_aux)
-        hooks = [grad_hook(p, _released(p)) for p in params.values() if p.requires_grad and _on_disk(p)]
+        hooks = [p.register_hook(_released(p)) for p in params.values() if p.requires_grad and _on_disk(p)]
         try:
             return next(fn, params, has_aux)
         finally:
