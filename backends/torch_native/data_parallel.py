@@ -65,7 +65,6 @@ class _Plan:
         self.buckets: list[list[_Entry]] = []
         self.sizes: list[int] = []  # elements per bucket, whole
         self.ssizes: list[int] = []  # elements per bucket and process, sharded layout
-        self.numels: list[list[int]] = []  # elements of each entry, per bucket
         limit = max(1, int(bucket_mb * 2**20))
         group = [e for e in reversed(list(self.entries.values())) if e.sharded or not sharded]
         rest = [e for e in self.entries.values() if sharded and not e.sharded]  # 0-dim: replicated
@@ -102,7 +101,6 @@ class _Plan:
         self.buckets.append(entries)
         self.sizes.append(offset)
         self.ssizes.append(soffset)
-        self.numels.append([e.numel for e in entries])
 
 
 class _Comm:
@@ -191,11 +189,13 @@ class _Comm:
         """Readies the buckets for a step and makes its gradient views; ``rows``: this
         process's batch size, to carry."""
         held = self.held
-        for i, out in enumerate(held):
-            uses = _uses(out)
-            if uses < 0 or uses != self.uses[i]:  # an earlier step's gradient is still referenced
-                self._allocate(i)
-        if tracing() is None and not self.any_scattered:
+        traced = tracing() is not None  # a comm made for this trace: nothing to reuse
+        if not traced:
+            for i, out in enumerate(held):
+                uses = _uses(out)
+                if uses < 0 or uses != self.uses[i]:  # an earlier step's gradient is still referenced
+                    self._allocate(i)
+        if not traced and not self.any_scattered:
             views: dict[str, torch.Tensor] = {}
             for i, names, templates in self.flat:
                 views.update(zip(names, _unflatten(held[i], templates)))
@@ -207,7 +207,7 @@ class _Comm:
         self.works = [None] * n
         self.next = 0
         self.seen = set()
-        self.sums: list[dict[str, torch.Tensor]] = []
+        self.sums = []
         self.sizes = None
         if self.tail_view is not None:
             self.tail_view.zero_()
@@ -318,11 +318,13 @@ class _Comm:
 _unflatten = torch._C._nn.unflatten_dense_tensors  # views of a flat tensor shaped like the templates
 
 
+_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)
+
+
 def _uses(t: torch.Tensor) -> int:
     """How many tensors share ``t``'s memory (each view holds its storage once); -1 where
     this torch cannot tell, which makes every step take fresh memory."""
-    count = getattr(torch._C, "_storage_Use_Count", None)
-    return count(t.untyped_storage()._cdata) if count is not None else -1
+    return _USE_COUNT(t.untyped_storage()._cdata) if _USE_COUNT is not None else -1
 
 
 class _TracedAllReduce:
