@@ -243,7 +243,9 @@ class _Comm:
 
     def _hook(self, name: str, g: torch.Tensor):
         e = self.plan.entries[name]
-        self._copy_in(e, self._plus_sums(name, g))
+        for earlier in self.sums:  # in order, innermost accumulate first, as one hook after another
+            g = g + earlier[name]
+        self._copy_in(e, g)
         self._launch_ready()
         if self.scattered[e.bucket]:
             return torch.zeros((), dtype=g.dtype, device=g.device).expand(g.shape)  # free the full gradient
@@ -266,11 +268,6 @@ class _Comm:
         if i == self.next and self.filled[i] == self.counts[i]:
             self._launch_ready()
         return view
-
-    def _plus_sums(self, name: str, g: torch.Tensor) -> torch.Tensor:
-        for earlier in self.sums:  # in order, innermost accumulate first, as one hook after another
-            g = g + earlier[name]
-        return g
 
     def _launch_ready(self) -> None:
         if self.any_scattered:
@@ -304,8 +301,8 @@ class _Comm:
             self.next = len(self.held)
         else:
             for k in names:
-                if k not in self.seen:
-                    self._copy_in(self.plan.entries[k], self._plus_sums(k, grads[k]))
+                if k not in self.seen:  # as if its hook ran: the earlier sums added, the bucket counted
+                    self.fns[k](grads[k])
             self._launch_ready()
         for w in self.works:
             w.wait()

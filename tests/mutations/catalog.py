@@ -238,11 +238,11 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         name="unused_parameter_loses_the_earlier_sums",
         path="backends/torch_native/data_parallel.py",
-        find="self._copy_in(self.plan.entries[k], self._plus_sums(k, grads[k]))",
-        replace="self._copy_in(self.plan.entries[k], grads[k])",
+        find="        for earlier in self.sums:  # in order, innermost accumulate first",
+        replace="        for earlier in ():  # in order, innermost accumulate first",
         tests=("tests/test_hostile.py::test_an_expert_used_only_by_an_earlier_micro_batch_keeps_its_gradient[zero2]",),
-        bug="shard(accumulate(f)) with hooks: a parameter the last micro-batch does not use (no hook runs) "
-        "is sent without the earlier micro-batches' sums (a routed expert trains as if it had no gradient)",
+        bug="shard(accumulate(f)) under zero2: the last micro-batch's gradients, and a parameter it does not "
+        "use (a routed expert), are sent without the earlier micro-batches' sums",
     ),
     Mutation(
         name="one_bucket_sent_without_the_earlier_sums",
