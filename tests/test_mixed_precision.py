@@ -142,6 +142,69 @@ def test_an_apply_nested_in_another_leaves_autocast_as_it_found_it():
         handle.remove()
 
 
+class _CountCasts(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts autocast's casts of fp32 tensors to bf16 (``aten._to_copy``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._to_copy.default and args[0].dtype == torch.float32 \
+                and kwargs.get("dtype") == torch.bfloat16:
+            self.n += 1
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_bf16_casts_each_weight_once_per_step_not_once_per_micro_batch(k):
+    """autocast caches the casts of the weights (leaves that require grad) until the
+    outermost autocast region exits; the step keeps them for all of its micro-batches.
+    Catches: the cache dropped after each apply (k casts of each weight), as a hand
+    loop that enters autocast per micro-batch does."""
+    wrapped = xf.accumulate(xf.mixed_precision(step, "bf16"), k)
+    state = init(wrapped, make_state())
+    state, _ = wrapped(state, BATCHES[0])  # the optimizer's state is made
+    weights = len(state.params)  # 2 Linear layers: 2 weights, 2 biases
+    with _CountCasts() as counted:
+        state, _ = wrapped(state, BATCHES[1])
+    inputs = k * 2  # each micro-batch's input to each Linear: not cached (not a leaf requiring grad)
+    assert counted.n == weights + inputs
+
+
+def test_bf16_cast_cache_changes_no_bit_of_the_result():
+    """The same steps with autocast's cache off (each apply casts again): bitwise equal."""
+    wrapped = xf.accumulate(xf.mixed_precision(step, "bf16"), 4)
+    cached, _ = run(wrapped, init(wrapped, make_state()), BATCHES)
+    before = torch.is_autocast_cache_enabled()
+    torch.set_autocast_cache_enabled(False)
+    try:
+        uncached, _ = run(wrapped, init(wrapped, make_state()), BATCHES)
+    finally:
+        torch.set_autocast_cache_enabled(before)
+    assert_states_close(cached, uncached, atol=0, rtol=0)
+
+
+def test_an_apply_after_the_update_sees_the_new_weights_not_stale_casts():
+    """A step that evaluates the updated state inside the same call: its apply must cast
+    the weights the update wrote, not reuse the casts of the old ones. Catches: the
+    cache kept past the update."""
+
+    def step_then_eval(state, b):
+        new, metrics = step(state, b)
+        return new, {**metrics, "after": xf.apply(new, new.params, b["x"])}
+
+    wrapped = xf.mixed_precision(step_then_eval, "bf16")
+    state = init(wrapped, make_state())
+    for b in BATCHES:
+        state, metrics = wrapped(state, b)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            expected = state.module(b["x"]).float()
+        torch.testing.assert_close(metrics["after"], expected, atol=0, rtol=0)
+    assert not torch.is_autocast_enabled("cpu")
+
+
 def test_bf16_params_are_cast_by_init():
     wrapped = xf.mixed_precision(step, "params=bfloat16")
     state = init(wrapped, make_state())

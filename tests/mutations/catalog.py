@@ -403,4 +403,21 @@ MUTATIONS: tuple[Mutation, ...] = (
         bug="shard(accumulate(step, k)) on a model of one bucket: the earlier micro-batches' sums, already "
         "added before the all-reduce, are added again by accumulate",
     ),
+    Mutation(
+        name="bf16_weight_casts_kept_past_the_update",
+        path="xform/transforms/mixed_precision.py",
+        find="            torch.clear_autocast_cache()  # casts of the weights the update is about to change",
+        replace="            pass",
+        tests=("tests/test_mixed_precision.py::test_an_apply_after_the_update_sees_the_new_weights_not_stale_casts",),
+        bug="bf16: an apply after the update in the same step computes with the casts of the old weights",
+    ),
+    Mutation(
+        name="bf16_weights_cast_again_each_micro_batch",
+        path="xform/transforms/mixed_precision.py",
+        find="            keep = not handler.cast_inputs and not torch.compiler.is_compiling()",
+        replace="            keep = False",
+        tests=("tests/test_mixed_precision.py::test_bf16_casts_each_weight_once_per_step_not_once_per_micro_batch",),
+        bug="accumulate(mixed_precision(step, 'bf16'), k): every weight is cast to bf16 k times per step "
+        "instead of once",
+    ),
 )

@@ -307,30 +307,31 @@ def _split_flat(batch: Any, k: int) -> list[Any] | None:
     """The common batch, a dict, tuple or list of tensors of one divisible size, split
     without the pytree machinery; None for anything else (the general path)."""
     kind = type(batch)
-    if kind is dict:
-        tensors = list(batch.values())
-    elif kind is tuple or kind is list:
+    if kind is tuple or kind is list:
         tensors = batch
+    elif kind is dict:
+        tensors = list(batch.values())
     else:
         return None
     n = -1
     for t in tensors:
-        if type(t) is not torch.Tensor:
+        if type(t) is not torch.Tensor or not t.dim():  # 0-d: passed whole to every micro-batch (the general path)
             return None
-        shape = t.shape
-        if not shape:  # 0-d: passed whole to every micro-batch (the general path)
-            return None
+        size = t.size(0)
         if n < 0:
-            n = shape[0]
-        elif shape[0] != n:
+            n = size
+        elif size != n:
             return None
     if n <= 0 or n % k:  # also an empty batch (n < 0)
         return None
-    pieces = zip(*[t.chunk(k) for t in tensors])  # k equal views (n divisible by k): chunk is split without its Python
+    # k equal views (n divisible by k): chunk is split without its Python
+    if kind is tuple:
+        return list(zip(*[t.chunk(k) for t in tensors]))
+    pieces = zip(*[t.chunk(k) for t in tensors])
     if kind is dict:
         keys = list(batch)
         return [dict(zip(keys, p)) for p in pieces]
-    return list(pieces) if kind is tuple else [list(p) for p in pieces]
+    return [list(p) for p in pieces]
 
 
 def combine_metrics(metrics: list[Any]) -> Any:
@@ -361,8 +362,12 @@ def combine_metrics(metrics: list[Any]) -> Any:
                 break
         else:
             for key, x in first.items():
-                if type(x) is torch.Tensor:
-                    out[key] = _pool_tensors([m[key] for m in metrics])
+                if type(x) is torch.Tensor:  # _pool_tensors, inlined
+                    total = x.detach() if x.requires_grad else x  # value_and_grad's values come detached
+                    for m in metrics[1:]:
+                        t = m[key]
+                        total = total + (t.detach() if t.requires_grad else t)
+                    out[key] = total / len(metrics) if x.is_floating_point() or x.is_complex() else total
                 elif type(x) is Mean:
                     out[key] = combine(*(m[key] for m in metrics))
                 else:

@@ -268,6 +268,8 @@ class _Handler(Handler):
         self.calls += 1
         if self.calls > 1:
             raise RuntimeError(_TWICE)
+        if not self.cast_inputs:
+            torch.clear_autocast_cache()  # casts of the weights the update is about to change
         return next(state, grads, count)
 
 
@@ -306,9 +308,12 @@ def mixed_precision(
         policy: ``"bf16"``, ``"fp16"``, ``"fp32"``, an ``xf.Policy`` or its string form
             ``"params=float32,compute=bfloat16,output=float32"``. With float32 params
             (master weights) the forward runs under ``torch.autocast`` in the compute
-            dtype; with params stored in the compute dtype (``"params=bfloat16"``),
-            ``step.init`` casts them and inputs are cast instead. Outputs of ``apply``
-            are cast to the output dtype.
+            dtype, and autocast's casts of the weights are kept from the first ``apply``
+            of a call to its update: each weight is cast once per step, not once per
+            micro-batch under ``accumulate`` (bitwise the same result). With params
+            stored in the compute dtype (``"params=bfloat16"``), ``step.init`` casts
+            them and inputs are cast instead. Outputs of ``apply`` are cast to the
+            output dtype.
         loss_scale: for float16 compute, ``DynamicLossScale()`` by default; its value
             lives in ``state.transforms["mixed_precision"]``. An update whose unscaled
             gradients are not finite is skipped: params and ``state.step`` stay, the
@@ -380,9 +385,20 @@ def mixed_precision(
                 scale = value["scale"]
             handler = free.pop() if free else kind(policy, loss_scale)  # atomic: a concurrent call makes its own
             handler.scale, handler.calls = scale, 0
+            # autocast's cache of the weights' casts is kept for the whole step, not dropped
+            # after each apply: the weights are cast once per step, not once per micro-batch
+            # (the cache is dropped before the update, see apply_gradients)
+            keep = not handler.cast_inputs and not torch.compiler.is_compiling()
             try:
                 with installed(handler, reused=True):
-                    return inner(state, batch)
+                    if not keep:
+                        return inner(state, batch)
+                    torch.autocast_increment_nesting()
+                    try:
+                        return inner(state, batch)
+                    finally:
+                        if torch.autocast_decrement_nesting() == 0:
+                            torch.clear_autocast_cache()
             finally:
                 handler.scale = None  # hold no tensor between calls
                 if not free:
