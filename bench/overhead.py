@@ -13,6 +13,10 @@ xform variant is timed beside two hand-written twins that compute what its step 
   gradient inside the backward pass; the table shows both). The ratio to the faster
   twin is what xform's step costs against what the same math can cost.
 
+Both twins enter ``torch.autocast`` once per micro-batch, so under bf16 they cast each
+weight once per micro-batch; xform keeps autocast's cache of the weights' casts for the
+whole step and casts each weight once (the same bits: ``max|dw|`` below).
+
 Method: all three runners of a variant start from the same weights and see the same
 batch. After a warm-up of each, they run in interleaved rounds of ``--steps`` steps, the
 order rotating every round, so drift in the machine's load hits all three alike. Each
