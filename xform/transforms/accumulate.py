@@ -362,12 +362,8 @@ def combine_metrics(metrics: list[Any]) -> Any:
                 break
         else:
             for key, x in first.items():
-                if type(x) is torch.Tensor:  # _pool_tensors, inlined
-                    total = x.detach() if x.requires_grad else x  # value_and_grad's values come detached
-                    for m in metrics[1:]:
-                        t = m[key]
-                        total = total + (t.detach() if t.requires_grad else t)
-                    out[key] = total / len(metrics) if x.is_floating_point() or x.is_complex() else total
+                if type(x) is torch.Tensor:
+                    out[key] = _pool_tensors([m[key] for m in metrics])
                 elif type(x) is Mean:
                     out[key] = combine(*(m[key] for m in metrics))
                 else:
