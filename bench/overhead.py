@@ -52,6 +52,7 @@ VARIANTS = (  # name, micro-batches, xform policy, autocast dtype of the twins
     ("mixed_precision(bf16)", 1, "bf16", torch.bfloat16),
     ("accumulate(2)", 2, "fp32", None),
     ("accumulate(mixed_precision(bf16), 2)", 2, "bf16", torch.bfloat16),
+    ("accumulate(mixed_precision(bf16), 4)", 4, "bf16", torch.bfloat16),  # the weights cast once, not 4 times
 )
 RUNNERS = ("xform", "backward", "autograd.grad")
 

@@ -35,7 +35,8 @@ def test_overhead_prints_both_twins_with_spread():
     """Catches: a table with one twin only, or medians without their quartiles."""
     lines = table(run_quick("overhead.py"), "overhead:")
     assert "/ backward()" in lines[0] and "/ autograd.grad" in lines[0]
-    for variant in ("step", "mixed_precision(bf16)", "accumulate(2)", "accumulate(mixed_precision(bf16), 2)"):
+    for variant in ("step", "mixed_precision(bf16)", "accumulate(2)", "accumulate(mixed_precision(bf16), 2)",
+                    "accumulate(mixed_precision(bf16), 4)"):
         row = [line for line in lines if line.startswith(variant + " ")]
         assert len(row) == 1 and re.search(rf"{NUM}\s+{SPREAD}\s+{SPREAD}$", row[0]), (variant, lines)
     assert re.search(r"import torch \d.*import xform \d", "\n".join(lines))
