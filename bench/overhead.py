@@ -213,9 +213,14 @@ def main() -> None:
         print(f"{'per step: ' + name:38s} {added[name]['backward']:+14.1f} {added[name]['autograd.grad']:+17.1f}")
     for single, double in (("step", "accumulate(2)"), ("mixed_precision(bf16)", "accumulate(mixed_precision(bf16), 2)")):
         # accumulate(2) runs one micro-batch more than the plain step: the difference of the
-        # two added costs is what one more micro-batch adds
+        # two added costs is what one more micro-batch and the accumulate wrapper add
         per_micro = {n: added[double][n] - added[single][n] for n in RUNNERS[1:]}
         print(f"{'per extra micro-batch: ' + single:38s} {per_micro['backward']:+14.1f} {per_micro['autograd.grad']:+17.1f}")
+    # the line above also holds accumulate's fixed cost per step (split, pooling, handler, RNG
+    # guard); 4 micro-batches against 2 leave only what each further micro-batch adds
+    two, four = "accumulate(mixed_precision(bf16), 2)", "accumulate(mixed_precision(bf16), 4)"
+    each = {n: (added[four][n] - added[two][n]) / 2 for n in RUNNERS[1:]}
+    print(f"{'each micro-batch (k=4 vs k=2): bf16':38s} {each['backward']:+14.1f} {each['autograd.grad']:+17.1f}")
     print(f"import torch {t_torch:.3f} s; import xform {t_xform:.3f} s; xform adds {t_xform - t_torch:+.3f} s")
 
 

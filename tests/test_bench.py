@@ -49,6 +49,7 @@ def test_overhead_prints_added_microseconds_per_step_and_micro_batch():
     for variant in ("step", "mixed_precision(bf16)", "accumulate(2)"):
         assert re.search(rf"^per step: {re.escape(variant)}\s+[+-]{NUM}\s+[+-]{NUM}$", text, re.M), (variant, text)
     assert len(re.findall(rf"^per extra micro-batch: .*\s+[+-]{NUM}\s+[+-]{NUM}$", text, re.M)) == 2, text
+    assert re.search(rf"^each micro-batch \(k=4 vs k=2\): bf16\s+[+-]{NUM}\s+[+-]{NUM}$", text, re.M), text
 
 
 def test_malloc_prints_both_runners_under_both_allocators():
