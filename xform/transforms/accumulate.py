@@ -324,14 +324,11 @@ def _split_flat(batch: Any, k: int) -> list[Any] | None:
             return None
     if n <= 0 or n % k:  # also an empty batch (n < 0)
         return None
-    # k equal views (n divisible by k): chunk is split without its Python
-    if kind is tuple:
-        return list(zip(*[t.chunk(k) for t in tensors]))
-    pieces = zip(*[t.chunk(k) for t in tensors])
+    pieces = zip(*[t.chunk(k) for t in tensors])  # k equal views (n divisible by k): chunk is split without its Python
     if kind is dict:
         keys = list(batch)
         return [dict(zip(keys, p)) for p in pieces]
-    return [list(p) for p in pieces]
+    return list(pieces) if kind is tuple else [list(p) for p in pieces]
 
 
 def combine_metrics(metrics: list[Any]) -> Any:
