@@ -176,7 +176,9 @@ def test_bf16_casts_each_weight_once_per_step_not_once_per_micro_batch(k):
 @pytest.mark.parametrize("policy", ["bf16", "fp16"])
 def test_cast_cache_changes_no_bit_of_the_result(policy):
     """The same steps with autocast's cache off (each apply casts again): bitwise equal
-    (fp16: with its loss scale, whose handler drops the cache before the unscale too)."""
+    (fp16: with its loss scale, whose handler drops the cache before the unscale too).
+    Catches: casts kept from one step to the next (the next step computes with the
+    weights before the update)."""
     wrapped = xf.accumulate(xf.mixed_precision(step, policy), 4)
     cached, _ = run(wrapped, init(wrapped, make_state()), BATCHES)
     before = torch.is_autocast_cache_enabled()
@@ -186,6 +188,28 @@ def test_cast_cache_changes_no_bit_of_the_result(policy):
     finally:
         torch.set_autocast_cache_enabled(before)
     assert_states_close(cached, uncached, atol=0, rtol=0)
+
+
+def _autocast_nesting() -> int:
+    level = torch.autocast_increment_nesting() - 1
+    torch.autocast_decrement_nesting()
+    return level
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_a_step_leaves_autocast_nesting_as_it_found_it(k):
+    """The step holds one autocast nesting level to keep the casts; it must give it back,
+    also when the step raises. Catches: the level leaked, after which no autocast region
+    of the caller ever drops its cache (stale casts and memory held in their eval loop)."""
+    wrapped = xf.accumulate(xf.mixed_precision(step, "bf16"), k)
+    state = init(wrapped, make_state())
+    before = _autocast_nesting()
+    for b in BATCHES:
+        state, _ = wrapped(state, b)
+        assert _autocast_nesting() == before
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        wrapped(state, {"x": torch.ones(8, 5), "y": BATCHES[0]["y"]})  # wrong input width
+    assert _autocast_nesting() == before
 
 
 def test_an_apply_after_the_update_sees_the_new_weights_not_stale_casts():

@@ -420,4 +420,13 @@ MUTATIONS: tuple[Mutation, ...] = (
         bug="accumulate(mixed_precision(step, 'bf16'), k): every weight is cast to bf16 k times per step "
         "instead of once",
     ),
+    Mutation(
+        name="bf16_step_leaks_an_autocast_nesting_level",
+        path="xform/transforms/mixed_precision.py",
+        find="                        if torch.autocast_decrement_nesting() == 0:\n                            torch.clear_autocast_cache()",
+        replace="                        pass",
+        tests=("tests/test_mixed_precision.py::test_a_step_leaves_autocast_nesting_as_it_found_it",),
+        bug="bf16: every step leaves autocast one nesting level deeper, so the caller's own autocast "
+        "regions never drop their cached casts again",
+    ),
 )
